@@ -1,0 +1,277 @@
+"""The typed config tree: YAML ↔ pydantic models, dotted overrides, errors that point at the line.
+
+One tree serves every verb (`distill`, `generate`, `eval`, `quickstart`); each verb reads the
+sections it needs, so a pipeline is one file. Every field is documented once, in its
+`Field(description=...)`; `kdkit config print` and the error messages come from that.
+
+Unknown keys are errors (with a did-you-mean), wrong types are errors, and both name the key, and
+for YAML the file and line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdkit.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Section):
+    path: str = Field(
+        "smollm2-135m-instruct",
+        description="teacher: an alias (smollm2-135m-instruct), a local HF directory, or a .gguf file",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` when `path` is a directory")
+    trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint (off: safer)")
+    license: str | None = Field(None, description="the teacher's licence id, when its files do not say")
+
+
+class StudentConfig(Section):
+    init: Literal["teacher_layers", "pretrained", "config"] = Field(
+        "teacher_layers",
+        description="teacher_layers: a subset of the teacher's layers; pretrained: load `path`; config: random init from `path`'s config",
+    )
+    path: str | None = Field(None, description="student directory (init=pretrained) or config source (init=config)")
+    num_layers: int | None = Field(
+        10, ge=1, description="init=teacher_layers: keep this many layers, spread uniformly (first and last kept)"
+    )
+    layers: list[int] | None = Field(None, description="init=teacher_layers: explicit teacher layer indices to keep")
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="init=config: fields replaced in the config (e.g. num_hidden_layers)"
+    )
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="training data: .jsonl, .json, .parquet or a datasets save_to_disk dir")
+    eval: str | None = Field(None, description="held-out data for evaluation (same formats)")
+    max_length: int = Field(512, ge=8, description="tokens per example; longer rows are truncated on the right")
+    max_drop_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="fail when more than this fraction of rows is unusable"
+    )
+    packing: bool = Field(False, description="concatenate examples into max_length sequences")
+
+
+class LossConfig(Section):
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field(
+        "forward_kl", description="per-token divergence between teacher and student distributions"
+    )
+    temperature: float = Field(1.0, gt=0.0, description="softens teacher and student alike; soft term scaled by T²")
+    alpha: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs hard-label CE")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: mixture weight of the teacher, M = β·p_T + (1-β)·p_S")
+    skew: float = Field(0.1, ge=0.0, le=1.0, description="skew_*: DistiLLM's α, the share of the first distribution in the mix")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-4, gt=0.0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine schedule floor, as a fraction of lr")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    max_grad_norm: float | None = Field(1.0, description="clip the gradient norm to this (null: no clipping)")
+    seed: int = Field(0, description="seed for initialisation, data order and sampling")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA with bf16 support, fp32 elsewhere"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    log_every: int = Field(1, ge=1, description="write metrics every N steps")
+    save_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="step checkpoints kept on disk")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+
+
+class GenerateConfig(Section):
+    prompts: str | None = Field(None, description="prompts to answer (any data format; answers are ignored)")
+    output: str | None = Field(None, description="jsonl written in the `messages` format (default: RUN_DIR/generated.jsonl)")
+    max_new_tokens: int = Field(128, ge=1, description="tokens generated per answer")
+    batch_size: int = Field(16, ge=1, description="prompts per generation batch (left-padded)")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float = Field(0.7, gt=0.0, description="sampling temperature (do_sample only)")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling (do_sample only)")
+    limit: int | None = Field(None, ge=1, description="answer only the first N prompts")
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N held-out examples")
+    student_before: bool = Field(True, description="also evaluate the student before distillation")
+
+
+class RunConfig(Section):
+    dir: str = Field("runs/kdkit", description="run directory: config, metrics, checkpoints, student, report")
+    student_dir: str | None = Field(None, description="eval: the distilled student to evaluate (default: RUN_DIR/student)")
+
+
+class Config(Section):
+    """The whole kdkit configuration."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="where outputs go")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="the teacher model")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="how the student is made")
+    data: DataConfig = Field(default_factory=DataConfig, description="datasets and tokenisation")
+    loss: LossConfig = Field(default_factory=LossConfig, description="the distillation objective")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="teacher-written data")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.student.init in ("pretrained", "config") and not self.student.path:
+            raise ValueError(f"student.path is required when student.init is {self.student.init!r}")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map every key path in a YAML mapping tree to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = path + (k.value,)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass  # the real parse below reports the error
+    return lines
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names valid at a location of the tree, for did-you-mean."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return list(model.model_fields)
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict, *, origin: str, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) or "(top level)"
+    if loc in overridden:
+        where = "command line"
+    else:
+        line = lines.get(loc) or lines.get(loc[:-1])
+        where = f"{origin}, line {line}" if line else origin
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
+        hint = f"did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else f"known keys here: {', '.join(known)}"
+        return f"{where}: unknown key '{key}'; {hint}"
+    return f"{where}: {key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """'train.lr=1e-4' → (('train', 'lr'), 0.0001); the value is read as YAML."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as e:
+        raise UserError(f"override {item!r}: the value is not valid YAML ({e})") from None
+    # YAML 1.1 reads "1e-4" as a string; pydantic turns numeric strings into floats where a float is due
+    return tuple(key.strip().split(".")), value
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.get(part)
+        if not isinstance(node, dict):
+            node = tree[part] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def build_config(data: dict, *, overrides: list[str] = (), origin: str = "config", lines=None) -> Config:
+    """Validate a config mapping plus dotted overrides; UserError on any problem."""
+    data = dict(data or {})
+    overridden = set()
+    for item in overrides:
+        path, value = parse_override(item)
+        _set(data, path, value)
+        overridden.add(path)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = [_describe(err, origin=origin, lines=lines or {}, overridden=overridden) for err in e.errors()]
+        raise UserError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config file (None: the defaults) and apply dotted overrides."""
+    if path is None:
+        return build_config({}, overrides=overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: the top level must be a mapping of sections (run, teacher, student, ...)")
+    return build_config(data, overrides=overrides, origin=str(p), lines=_yaml_lines(text))
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """Make relative data/student paths in a config file relative to the file's folder."""
+    def fix(value):
+        if value and not Path(value).is_absolute() and (base / value).exists():
+            return str((base / value).resolve())
+        return value
+
+    cfg.data.train = fix(cfg.data.train)
+    cfg.data.eval = fix(cfg.data.eval)
+    cfg.generate.prompts = fix(cfg.generate.prompts)
+    return cfg
+
+
+# ---------------------------------------------------------------- printing
+
+
+def dump_config(cfg: BaseModel, *, docs: bool = True, indent: int = 0) -> str:
+    """The resolved config as YAML, each field followed by its one-line doc."""
+    out = []
+    pad = "  " * indent
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        doc = f"  # {field.description}" if docs and field.description else ""
+        if isinstance(value, BaseModel):
+            out.append(f"{pad}{name}:{doc}")
+            out.append(dump_config(value, docs=docs, indent=indent + 1))
+        else:
+            if isinstance(value, tuple):
+                value = list(value)
+            text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+            text = text.removesuffix("\n...").removesuffix("...").strip()
+            out.append(f"{pad}{name}: {text}{doc}")
+    return "\n".join(out)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Keep the resolved config beside the run's outputs (plain YAML, reloadable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

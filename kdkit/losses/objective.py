@@ -1,0 +1,93 @@
+"""The knowledge-distillation objective on dense logits: divergence to the teacher + hard-label CE.
+
+    total = alpha · T² · mean(divergence at T) + (1 − alpha) · mean(cross-entropy at T = 1)
+
+T² keeps the divergence's gradient scale independent of T (Hinton et al., 2015). Means run over
+supervised tokens (label != -100) and divide by `num_tokens`, the global supervised count of the
+optimizer step when given (see `reduce.py`), else this batch's count.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdkit.signal import DenseSignal
+
+from .divergences import DIVERGENCES, _check_temperature
+from .reduce import token_mean
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossParts:
+    total: Tensor  # scalar to backprop
+    kd: Tensor  # detached scalar: mean per-token divergence (unscaled by T², normalised like total)
+    ce: Tensor  # detached scalar: mean hard-label cross-entropy (T = 1)
+
+
+def _check_args(divergence: str, alpha: float, temperature: float, divergence_kwargs: dict) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(DIVERGENCES)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (1 = pure KD, 0 = pure CE), got {alpha!r}")
+    _check_temperature(temperature)
+    accepted = set(inspect.signature(DIVERGENCES[divergence]).parameters) - {
+        "student_logits", "teacher_logits", "temperature"
+    }
+    unknown = set(divergence_kwargs) - accepted
+    if unknown:
+        raise ValueError(
+            f"divergence {divergence!r} takes no {sorted(unknown)}; it accepts {sorted(accepted) or 'none'}"
+        )
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher: DenseSignal | Tensor,
+    labels: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    num_tokens: int | Tensor | None = None,
+    **divergence_kwargs,
+) -> LossParts:
+    """KD loss for student logits (N, V), teacher logits (N, V) and labels (N,) int64 (-100 = ignore).
+
+    The teacher is not detached here: a frozen teacher carries no gradient anyway.
+    """
+    _check_args(divergence, alpha, temperature, divergence_kwargs)
+    teacher_logits = teacher.logits if isinstance(teacher, DenseSignal) else teacher  # (N, V)
+    if labels.shape != student_logits.shape[:1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must be (N,) for logits {tuple(student_logits.shape)}")
+    mask = labels != IGNORE_INDEX  # (N,) bool
+    count = mask.sum() if num_tokens is None else num_tokens
+
+    # A part with weight 0 is still reported, but computed without a graph (no memory, and an inf
+    # in it cannot turn the total into NaN through 0 · inf).
+    with nullcontext() if alpha > 0 else torch.no_grad():
+        per_token = DIVERGENCES[divergence](
+            student_logits, teacher_logits, temperature=temperature, **divergence_kwargs
+        )  # (N,)
+        kd = token_mean(per_token, mask, count)
+    with nullcontext() if alpha < 1 else torch.no_grad():
+        # F.cross_entropy gives 0 on ignored rows; the mask in token_mean is what makes them not count.
+        ce_rows = F.cross_entropy(
+            student_logits.float(), labels, reduction="none", ignore_index=IGNORE_INDEX
+        )  # (N,)
+        ce = token_mean(ce_rows, mask, count)
+
+    if alpha == 1.0:
+        total = temperature**2 * kd
+    elif alpha == 0.0:
+        total = ce
+    else:
+        total = alpha * temperature**2 * kd + (1.0 - alpha) * ce
+    return LossParts(total=total, kd=kd.detach(), ce=ce.detach())

@@ -1,0 +1,161 @@
+"""The distillation loop: plain functions, read top to bottom.
+
+The loop never calls the teacher itself: it is handed `signal_fn(batch) -> DenseSignal` (online
+teacher, offline cache or served teacher alike), so the same loop serves every training mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from kdkit.config import Config
+from kdkit.data.collate import batch_order, collate
+from kdkit.data.render import TokenizedData
+from kdkit.losses import distill_loss, forward_kl, token_mean
+from kdkit.models.forward import supervised_logits
+from kdkit.train.checkpoint import load_latest, save_checkpoint
+from kdkit.train.metrics import MetricsWriter
+from kdkit.train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    history: list[dict]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where asked for, or on 'auto' where the device does bf16 well (CUDA)."""
+    use = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def micro_batches(data: TokenizedData, step: int, *, batch_size: int, grad_accum: int, seed: int, pad_id: int):
+    """The micro-batches of optimizer step `step`: a pure function of (step, seed), so resuming
+    at any step sees exactly the examples an uninterrupted run would, across epoch boundaries."""
+    n = len(data.input_ids)
+    per_step = batch_size * grad_accum
+    orders: dict[int, list[int]] = {}
+    batches = []
+    for m in range(grad_accum):
+        idx = []
+        for j in range(batch_size):
+            k = step * per_step + m * batch_size + j  # position in the endless example stream
+            epoch = k // n
+            if epoch not in orders:
+                orders[epoch] = batch_order(n, seed=seed, epoch=epoch)
+            idx.append(orders[epoch][k % n])
+        batch = collate([data.input_ids[i] for i in idx], [data.labels[i] for i in idx], pad_id=pad_id)
+        batch["ids"] = [data.ids[i] for i in idx]
+        batches.append(batch)
+    return batches
+
+
+def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int, device, precision: str):
+    """One optimizer step's forward/backward over its micro-batches; returns summed metrics.
+
+    Every micro-batch loss is normalised by the supervised-token count of the WHOLE step, so the
+    accumulated gradient equals the gradient of the full-batch mean (4×2 = 1×8).
+    """
+    num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    out = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0}
+    lc = cfg.loss
+    for batch in batches:
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with torch.no_grad():
+            signal = signal_fn(batch)
+        with autocast(device, precision):
+            s_logits, targets = supervised_logits(student, batch, vocab=vocab)  # (N, V), (N,)
+        parts = distill_loss(
+            s_logits, signal, targets, divergence=lc.divergence, temperature=lc.temperature,
+            alpha=lc.alpha, num_tokens=num_tokens, **_div_kwargs(lc),
+        )
+        parts.total.backward()
+        with torch.no_grad():
+            t_logits = signal.logits
+            s = s_logits.detach()
+            mask = torch.ones(len(targets), dtype=torch.bool, device=s.device)
+            kl = parts.kd if (lc.divergence == "forward_kl" and lc.temperature == 1) else (
+                token_mean(forward_kl(s, t_logits), mask, num_tokens))
+            out["kl"] += float(kl)
+            out["top1"] += float((s.argmax(-1) == t_logits.argmax(-1)).sum())
+        out["loss"] += float(parts.total.detach())
+        out["kd"] += float(parts.kd)
+        out["ce"] += float(parts.ce)
+        out["tokens"] += int(batch["attention_mask"].sum())
+    out["top1"] /= max(num_tokens, 1)
+    out["supervised_tokens"] = num_tokens
+    return out
+
+
+def _div_kwargs(lc) -> dict:
+    if lc.divergence == "jsd":
+        return {"beta": lc.beta}
+    if lc.divergence.startswith("skew"):
+        return {"skew": lc.skew}
+    return {}
+
+
+def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, run_dir: Path, vocab: int,
+            pad_id: int, resume: bool = False) -> TrainResult:
+    """Train `student` against `signal_fn` for cfg.train.max_steps optimizer steps."""
+    tc = cfg.train
+    device = pick_device(tc.device)
+    student.to(device).train()
+    opt, sched = build_optimizer(student, tc)
+    ckpt_dir = run_dir / "checkpoints"
+    start = 0
+    if resume:
+        restored = load_latest(ckpt_dir, model=student, optimizer=opt, scheduler=sched)
+        if restored is None:
+            log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
+        else:
+            start = restored[0]
+    else:
+        torch.manual_seed(tc.seed)
+    writer = MetricsWriter(run_dir, start_step=start)
+    history = []
+    bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc="distill", unit="step")
+    for step in bar:
+        t0 = time.perf_counter()
+        batches = micro_batches(data, step, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+                                seed=tc.seed, pad_id=pad_id)
+        m = train_step(student, batches, signal_fn, cfg, vocab=vocab, device=device, precision=tc.precision)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            student.parameters(), tc.max_grad_norm if tc.max_grad_norm else float("inf"))
+        m["lr"] = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        m.update(step=step + 1, grad_norm=float(grad_norm), tokens_per_s=m["tokens"] / (time.perf_counter() - t0))
+        history.append(m)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", top1=f"{m['top1']:.2f}",
+                        tok_s=f"{m['tokens_per_s']:.0f}")
+        if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
+            writer.write(m)
+        if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.max_steps:
+            save_checkpoint(ckpt_dir, step + 1, model=student, optimizer=opt, scheduler=sched,
+                            keep=tc.keep_checkpoints)
+    save_checkpoint(ckpt_dir, tc.max_steps, model=student, optimizer=opt, scheduler=sched, keep=tc.keep_checkpoints)
+    writer.close()
+    student.eval()
+    return TrainResult(steps=tc.max_steps, resumed_from=start, history=history)

@@ -1,0 +1,31 @@
+"""AdamW with linear warm-up and a cosine decay to a floor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kdkit.config import TrainConfig
+
+
+def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then cosine down to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """AdamW (no weight decay on norms, biases and embeddings' 1-d params) + its schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=False: the same per-parameter kernels on every run, so a resumed run is bitwise equal
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=cfg.max_steps, floor=cfg.min_lr_ratio)
+    )
+    return opt, sched
