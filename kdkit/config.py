@@ -92,13 +92,15 @@ class TrainConfig(Section):
 
 class GenerateConfig(Section):
     prompts: str | None = Field(None, description="prompts to answer (any data format; answers are ignored)")
-    output: str | None = Field(None, description="jsonl written in the `messages` format (default: RUN_DIR/generated.jsonl)")
+    eval_prompts: str | None = Field(None, description="held-out prompts to answer as well (for data.eval)")
+    output: str | None = Field(None, description="jsonl written in the `messages` format (default: RUN_DIR/data/train.jsonl)")
     max_new_tokens: int = Field(128, ge=1, description="tokens generated per answer")
     batch_size: int = Field(16, ge=1, description="prompts per generation batch (left-padded)")
     do_sample: bool = Field(False, description="sample instead of greedy decoding")
     temperature: float = Field(0.7, gt=0.0, description="sampling temperature (do_sample only)")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling (do_sample only)")
     limit: int | None = Field(None, ge=1, description="answer only the first N prompts")
+    eval_limit: int | None = Field(None, ge=1, description="answer only the first N held-out prompts")
 
 
 class EvalConfig(Section):

@@ -132,21 +132,22 @@ def to_example(row: dict, *, index: int, source: str) -> Example:
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected an object with named fields, got {type(row).__name__}.")
     example_id = str(row["id"]) if row.get("id") is not None else f"{index}"
-    if "messages" in row:
+    # `is not None`, not `in`: Parquet and `datasets` rows carry every column, absent ones as None.
+    if row.get("messages") is not None:
         messages = _openai_messages(row["messages"], where=where)
-    elif "conversations" in row:
+    elif row.get("conversations") is not None:
         messages = _sharegpt_messages(row["conversations"], where=where)
-    elif "prompt" in row:
+    elif row.get("prompt") is not None:
         messages = _prompt_messages(row, where=where)
-    elif "instruction" in row:
+    elif row.get("instruction") is not None:
         messages = _alpaca_messages(row, where=where)
-    elif "text" in row:
+    elif row.get("text") is not None:
         text = row["text"]
         if not isinstance(text, str):
             raise UserError(f"{where}: 'text' must be a string, got {type(text).__name__}.")
         return Example(id=example_id, text=text)
     else:
-        keys = ", ".join(sorted(map(str, row))) or "(none)"
+        keys = ", ".join(sorted(str(k) for k, v in row.items() if v is not None)) or "(none)"
         raise UserError(
             f"{where}: unrecognised row format (keys: {keys}). Accepted formats: {ACCEPTED_FORMATS}. "
             "Rename the columns to one of these."

@@ -5,7 +5,8 @@ computes in fp32, softens BOTH with `temperature` (p = softmax(logits / T)) and 
 fp32 per-token values: not scaled by T², not masked, not reduced (that is `reduce.py`'s job).
 
 Logits of -inf (padded vocabulary, banned tokens) are probability 0: such terms contribute exactly
-0, with no NaN in values or gradients. KL(p ‖ q) with p > 0 where q = 0 is +inf, as it should be.
+0, with no NaN in values or gradients. KL(p ‖ q) with p > 0 where q = 0 is +inf, as it should be,
+and such a row carries no gradient (it would be NaN).
 
 Conventions (stated here once):
 
@@ -63,19 +64,23 @@ def _pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) ->
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Σ_v p·(log p − log q) per row: (N, V), (N, V) → (N,); terms with p = 0 are exactly 0."""
+    """Σ_v p·(log p − log q) per row: (N, V), (N, V) → (N,).
+
+    Terms with p = 0 are exactly 0. A row where p > 0 but q = 0 is +inf and carries no gradient:
+    its gradient would be inf − inf = NaN, and even a masked row would leak it (0 · inf = NaN).
+    """
     p = log_p.exp()  # (N, V)
     support = p > 0  # (N, V) bool
-    # Where p = 0, log p − log q may be -inf − (-inf) = NaN or -inf. The where replaces it by 0 in
-    # the value, and its backward sends exactly 0 (never 0·NaN) into that branch's gradient.
-    log_ratio = torch.where(support, log_p - log_q, 0.0)  # (N, V)
-    # No second where on the product: off the support both factors are exactly 0, so the term and
-    # both of its partial derivatives (log_ratio and p) are 0 already, one (N, V) temporary saved.
-    return (p * log_ratio).sum(dim=-1)  # (N,)
-
-
-def _log(x: float) -> float:
-    return math.log(x) if x > 0 else -math.inf
+    finite = support & (log_q > -math.inf)  # (N, V) bool: terms with a finite log ratio
+    # Double where: off `finite`, log p − log q is NaN (-inf − -inf) or ±inf; the where replaces it
+    # by 0 in the value, and its backward sends exactly 0 (never 0·NaN) into that branch.
+    log_ratio = torch.where(finite, log_p - log_q, 0.0)  # (N, V)
+    # Off `finite` log_ratio is 0, so each such term and its gradient w.r.t. p are 0 already: no
+    # second (N, V) where on the product (memory: V is 49k-152k).
+    kl = (p * log_ratio).sum(dim=-1)  # (N,)
+    infinite = (support & ~finite).any(dim=-1)  # (N,) bool: q misses some of p's mass
+    # The second where, at row level: +inf as a constant, so no gradient flows out of such rows.
+    return torch.where(infinite, math.inf, kl)  # (N,)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:

@@ -1,0 +1,141 @@
+"""The `kdkit` command: one table of verbs → recipe functions.
+
+User mistakes (`UserError`) print one clear message and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib.resources import files
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kdkit.config import Config, dump_config, load_config
+from kdkit.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge distillation for large language models.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
+app.add_typer(config_app, name="config")
+
+CONFIG = typer.Argument(..., help="YAML config file")
+OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-4 loss.divergence=jsd")
+
+
+def _load(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
+    return load_config(config, overrides or [])
+
+
+STAGES = ("generate", "distill", "eval")
+
+
+def run_pipeline(cfg: Config, stages=STAGES, *, resume: bool = False) -> dict:
+    """Run stages in order, sharing one loaded teacher; generated data feeds the next stage."""
+    from kdkit.recipes import distill, evaluate, generate
+    from kdkit.train.setup import load_teacher
+
+    teacher = load_teacher(cfg)
+    out = {}
+    if "generate" in stages:
+        paths = generate.run(cfg, teacher=teacher)
+        cfg.data.train = cfg.data.train or str(paths["train"])
+        if "eval" in paths:
+            cfg.data.eval = cfg.data.eval or str(paths["eval"])
+    if "distill" in stages:
+        out = distill.run(cfg, resume=resume, teacher=teacher)
+    elif "eval" in stages:
+        out = evaluate.run(cfg, teacher=teacher)
+    return out
+
+
+@app.command()
+def quickstart(
+    fast: bool = typer.Option(False, "--fast", help="a short smoke run (a minute or two)"),
+    run_dir: Path = typer.Option(Path("runs/quickstart"), help="where everything is written"),
+    overrides: Optional[list[str]] = OVERRIDES,
+):
+    """Distill the embedded SmolLM2-135M-Instruct teacher into a 10-layer student, on CPU, end to end."""
+    assets = files("kdkit") / "assets" / "instructions"
+    preset = files("kdkit") / "configs" / ("quickstart_fast.yaml" if fast else "quickstart.yaml")
+    cfg = load_config(Path(str(preset)), [f"run.dir={run_dir}", *(overrides or [])])
+    cfg.generate.prompts = cfg.generate.prompts or str(assets / "train.jsonl")
+    cfg.generate.eval_prompts = cfg.generate.eval_prompts or str(assets / "heldout.jsonl")
+    out = run_pipeline(cfg, resume=True)
+    typer.echo("\n" + out["table"] + "\n")
+    ratio = out["metrics"]["student_after"]["kl_to_teacher"] / out["metrics"]["student_before"]["kl_to_teacher"]
+    typer.echo(f"held-out KL to the teacher, after/before distillation: {ratio:.3f}x")
+    typer.echo(f"student:  {out['student_dir']}")
+    typer.echo(f"report:   {Path(out['run_dir']) / 'report.md'}")
+    typer.echo(f"metrics:  {Path(out['run_dir']) / 'metrics.json'}")
+
+
+@app.command()
+def distill(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+            resume: bool = typer.Option(False, "--resume", help="continue from the newest whole checkpoint")):
+    """Online logit distillation: teacher → student, then evaluation and the saved student."""
+    out = run_pipeline(_load(config, overrides), ("distill",), resume=resume)
+    if out.get("table"):
+        typer.echo("\n" + out["table"])
+    typer.echo(f"student: {out['student_dir']}")
+
+
+@app.command()
+def generate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
+    """The teacher answers a file of prompts (jsonl in the OpenAI `messages` format)."""
+    from kdkit.recipes import generate as recipe
+
+    for split, path in recipe.run(_load(config, overrides)).items():
+        typer.echo(f"{split}: {path}")
+
+
+@app.command("eval")
+def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
+    """Teacher vs student-before vs student-after on held-out data: metrics.json + report.md."""
+    out = run_pipeline(_load(config, overrides), ("eval",))
+    typer.echo(out["table"])
+    typer.echo(f"metrics: {out['metrics_path']}\nreport:  {out['report_path']}")
+
+
+@app.command()
+def pipeline(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+             resume: bool = typer.Option(False, "--resume", help="continue from the newest whole checkpoint")):
+    """generate (when generate.prompts is set) → distill → eval, from one config."""
+    cfg = _load(config, overrides)
+    stages = STAGES if cfg.generate.prompts else STAGES[1:]
+    out = run_pipeline(cfg, stages, resume=resume)
+    if out.get("table"):
+        typer.echo("\n" + out["table"])
+
+
+@config_app.command("print")
+def config_print(config: Optional[Path] = typer.Argument(None, help="YAML config (omit: the defaults)"),
+                 overrides: Optional[list[str]] = OVERRIDES):
+    """Print the resolved config, each field with its one-line doc."""
+    typer.echo(dump_config(_load(config, overrides)))
+
+
+@config_app.command("validate")
+def config_validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
+    """Check a config; exit code 2 with the offending keys when it is wrong."""
+    _load(config, overrides)
+    typer.echo(f"{config}: ok")
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("KDKIT_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"kdkit: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("kdkit: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

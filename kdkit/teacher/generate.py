@@ -1,0 +1,83 @@
+"""The teacher writes answers: batched generation (left padding, KV cache) to `messages` jsonl.
+
+Output is appended one JSON line per answer and flushed per batch; a rerun skips the ids already
+written (a torn last line from a kill is cut off first), so a killed run resumes without
+duplicates or gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kdkit.data.collate import collate
+from kdkit.data.render import render_prompt
+from kdkit.data.sources import Example
+
+log = logging.getLogger(__name__)
+
+
+def _done_ids(path: Path) -> set[str]:
+    """Ids already answered; truncates a torn last line left by a kill."""
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    keep = raw[: raw.rfind(b"\n") + 1]  # everything up to the last complete line
+    if len(keep) != len(raw):
+        path.write_bytes(keep)
+    return {json.loads(line)["id"] for line in keep.decode().splitlines() if line.strip()}
+
+
+def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, *, max_new_tokens: int,
+                     batch_size: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     seed: int = 0) -> Path:
+    """Answer every example's prompt with `model`; write {"id", "messages"} lines to `out_path`."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = _done_ids(out_path)
+    todo = [e for e in examples if e.id not in done]
+    prompts = {e.id: render_prompt(e, tokenizer) for e in todo}
+    todo.sort(key=lambda e: len(prompts[e.id]))  # similar lengths per batch: less padding
+    pad_id = tokenizer.pad_token_id
+    model.eval()
+    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="generate", unit="answer")
+    new_tokens, t0 = 0, time.perf_counter()
+    with open(out_path, "a") as f:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            ids = [prompts[e.id] for e in chunk]
+            batch = collate(ids, ids, pad_id=pad_id, side="left")
+            # the seed depends on the batch's first id, so resumed runs sample the same text
+            torch.manual_seed(seed + sum(map(ord, chunk[0].id)))
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=batch["input_ids"].to(model.device),
+                    attention_mask=batch["attention_mask"].to(model.device),
+                    max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+                    top_k=None, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                )
+            answers = out[:, batch["input_ids"].shape[1] :]  # (B, new)
+            for example, row in zip(chunk, answers):
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                new_tokens += int((row != pad_id).sum())
+                messages = _prompt_messages(example) + [{"role": "assistant", "content": text}]
+                f.write(json.dumps({"id": example.id, "messages": messages}, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    return out_path
+
+
+def _prompt_messages(example: Example) -> list[dict]:
+    if example.messages is None:
+        return [{"role": "user", "content": example.text or ""}]
+    msgs = list(example.messages)
+    if msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    return msgs

@@ -1,0 +1,105 @@
+"""Glue shared by the recipes: teacher, student, data and the saved student with its model card."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdkit.config import Config
+from kdkit.data.render import TokenizedData, tokenize_examples
+from kdkit.data.sources import load_examples
+from kdkit.errors import UserError
+from kdkit.models import load as M
+from kdkit.signal import Provenance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    tokenizer: object
+    source: M.ModelSource
+    license: str
+
+    def provenance(self, temperature: float = 1.0) -> Provenance:
+        return Provenance(
+            teacher_id=self.source.id, tokenizer_hash=M.tokenizer_hash(self.tokenizer),
+            chat_template_hash=M.chat_template_hash(self.tokenizer), temperature=temperature,
+        )
+
+
+def load_teacher(cfg: Config) -> Teacher:
+    tc = cfg.teacher
+    src = M.resolve(tc.path, gguf_file=tc.gguf_file)
+    log.info("loading teacher %s", src.id)
+    tok = M.load_tokenizer(src, trust_remote_code=tc.trust_remote_code)
+    model = M.freeze(M.load_model(src, trust_remote_code=tc.trust_remote_code))
+    return Teacher(model, tok, src, M.read_license(src, tc.license))
+
+
+def build_student(cfg: Config, teacher: Teacher):
+    """(student model, student tokenizer, a one-line description of how it was made)."""
+    sc = cfg.student
+    torch.manual_seed(cfg.train.seed)
+    if sc.init == "teacher_layers":
+        total = teacher.model.config.num_hidden_layers
+        layers = sc.layers if sc.layers is not None else M.uniform_layers(total, sc.num_layers or total)
+        student = M.student_from_layers(teacher.model, layers)
+        return student, teacher.tokenizer, f"teacher layers {layers} of {total}"
+    src = M.resolve(sc.path)
+    tok = M.load_tokenizer(src, trust_remote_code=cfg.teacher.trust_remote_code)
+    if sc.init == "pretrained":
+        return M.load_model(src, trust_remote_code=cfg.teacher.trust_remote_code), tok, f"pretrained {sc.path}"
+    student = M.student_from_config(str(src.directory), sc.config_overrides, seed=cfg.train.seed,
+                                    trust_remote_code=cfg.teacher.trust_remote_code)
+    return student, tok, f"random init from the config of {sc.path} {sc.config_overrides or ''}".strip()
+
+
+def tokenize_file(path: str | None, tokenizer, cfg: Config, *, key: str) -> TokenizedData:
+    if not path:
+        raise UserError(f"{key} is not set: give a data file (e.g. `{key}=data/train.jsonl`)")
+    data = tokenize_examples(load_examples(path), tokenizer, max_length=cfg.data.max_length,
+                             max_drop_fraction=cfg.data.max_drop_fraction, source=path)
+    if cfg.data.packing and key == "data.train":
+        from kdkit.data.collate import pack
+
+        data = pack(data, max_length=cfg.data.max_length)
+    return data
+
+
+def save_student(student, tokenizer, out_dir: Path, *, card: str) -> Path:
+    """HF directory (safetensors, tokenizer, chat template) + README.md model card, atomically."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(card)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def model_card(*, teacher: Teacher, init: str, student_params: int, teacher_params: int, cfg: Config,
+               eval_table: str | None = None, steps: int | None = None) -> str:
+    lc, tc = cfg.loss, cfg.train
+    lines = [
+        "---", f"license: {teacher.license}", "library_name: transformers", "tags: [kdkit, distillation]", "---",
+        "", "# Student distilled with kdkit", "",
+        f"- **Teacher:** `{teacher.source.id}` (licence: {teacher.license}), {teacher_params:,} parameters",
+        f"- **Student initialisation:** {init}; {student_params:,} parameters "
+        f"({student_params / teacher_params:.0%} of the teacher)",
+        f"- **Objective:** {lc.divergence}, temperature {lc.temperature}, alpha {lc.alpha} "
+        f"(loss = alpha·T²·KD + (1 − alpha)·CE)",
+        f"- **Training:** {steps if steps is not None else tc.max_steps} steps, batch {tc.batch_size} × "
+        f"accumulation {tc.grad_accum}, AdamW lr {tc.lr} (warm-up {tc.warmup_steps}, cosine), seed {tc.seed}",
+        f"- **Data:** {cfg.data.train}", "",
+    ]
+    if eval_table:
+        lines += ["## Evaluation (held-out)", "", eval_table, ""]
+    return "\n".join(lines)
