@@ -1,0 +1,53 @@
+import torch
+
+from kdkit.config import TrainConfig
+from kdkit.models.tiny import tiny_llama
+from kdkit.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from kdkit.train.optim import build_optimizer, lr_factor
+
+
+def _setup(seed):
+    model = tiny_llama(vocab_size=40, seed=seed)
+    opt, sched = build_optimizer(model, TrainConfig(max_steps=10, warmup_steps=2))
+    return model, opt, sched
+
+
+def _train_one(model, opt, sched):
+    loss = model(torch.arange(8)[None]).logits.square().mean()
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def test_roundtrip_and_damaged_checkpoint_falls_back(tmp_path, caplog):
+    model, opt, sched = _setup(0)
+    _train_one(model, opt, sched)
+    save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, keep=3)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_one(model, opt, sched)
+    last = save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched, keep=3)
+    # a flipped byte in the newest checkpoint: detected, the previous one is used
+    blob = bytearray((last / "model.safetensors").read_bytes())
+    blob[-5] ^= 0xFF
+    (last / "model.safetensors").write_bytes(bytes(blob))
+    fresh, opt2, sched2 = _setup(1)
+    step, _ = load_latest(tmp_path, model=fresh, optimizer=opt2, scheduler=sched2)
+    assert step == 1
+    assert "step-00000002 is damaged (model.safetensors checksum mismatch)" in caplog.text
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in good.items())
+    assert sched2.last_epoch == 1
+
+
+def test_torn_write_is_invisible_and_old_checkpoints_pruned(tmp_path):
+    model, opt, sched = _setup(0)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model=model, optimizer=opt, scheduler=sched, keep=2)
+    (tmp_path / "step-00000004.tmp").mkdir()  # what a kill during a write leaves behind
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+    f = [lr_factor(s, warmup=2, total=10, floor=0.1) for s in range(12)]
+    assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
+    assert all(a >= b for a, b in zip(f[2:], f[3:])) and abs(f[10] - 0.1) < 1e-12

@@ -1,0 +1,60 @@
+"""User errors through the real command: exit code 2, a message that says what and where, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+
+def _kdkit(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "kdkit.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_zero_usable_rows_exit_2_and_say_why(tiny_config, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(5)))
+    r = _kdkit("distill", tiny_config, f"data.train={bad}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no usable rows" in r.stderr and "5 without an assistant turn" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_malformed_jsonl_names_file_and_line(tiny_config, tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    r = _kdkit("distill", tiny_config, f"data.train={bad}")
+    assert r.returncode == 2 and f"{bad}" in r.stderr and "line 2" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_misspelled_override_and_missing_model(tiny_config, tmp_path):
+    r = _kdkit("distill", tiny_config, "loss.temprature=2")
+    assert r.returncode == 2 and "did you mean 'loss.temperature'" in r.stderr
+    r = _kdkit("distill", tiny_config, f"teacher.path={tmp_path / 'missing'}")
+    assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_print_shows_resolved_values_and_docs(tiny_config):
+    r = _kdkit("config", "print", tiny_config, "train.lr=0.01")
+    assert r.returncode == 0
+    assert "lr: 0.01  # peak learning rate" in r.stdout
+    assert yaml.safe_load(r.stdout)["train"]["lr"] == 0.01
+
+
+def test_generate_writes_messages_and_resumes(tiny_config, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(5)))
+    out = tmp_path / "gen.jsonl"
+    args = ("generate", tiny_config, f"generate.prompts={prompts}", f"generate.output={out}",
+            "generate.max_new_tokens=6", "generate.batch_size=2")
+    assert _kdkit(*args).returncode == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [f"p{i}" for i in range(5)]
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    # a torn last line (a kill mid-write) is cut, the missing answers redone, nothing duplicated
+    out.write_text("\n".join(out.read_text().splitlines()[:2]) + '\n{"id": "p')
+    assert _kdkit(*args).returncode == 0
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert sorted(ids) == [f"p{i}" for i in range(5)]

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from kdkit.errors import UserError
+from kdkit.models import load as M
+from kdkit.models.forward import supervised_logits
+from kdkit.models.tiny import save_tiny_model, tiny_llama, tiny_tokenizer
+
+
+def test_uniform_layers_keep_ends():
+    assert M.uniform_layers(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert M.uniform_layers(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(UserError):
+        M.uniform_layers(4, 5)
+
+
+def test_student_with_all_layers_equals_teacher_and_subset_is_smaller():
+    tok = tiny_tokenizer()
+    teacher = M.freeze(tiny_llama(vocab_size=len(tok), num_layers=4))
+    x = torch.randint(0, len(tok), (2, 9))
+    full = M.student_from_layers(teacher, [0, 1, 2, 3]).eval()
+    torch.testing.assert_close(full(x).logits, teacher(x).logits)
+    sub = M.student_from_layers(teacher, [0, 3])
+    assert sub.config.num_hidden_layers == 2
+    assert M.count_parameters(sub) < M.count_parameters(teacher)
+    torch.testing.assert_close(sub.model.layers[1].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight)
+    assert sub.model.layers[1].mlp.up_proj.weight.data_ptr() != teacher.model.layers[3].mlp.up_proj.weight.data_ptr()
+    with pytest.raises(UserError):
+        M.student_from_layers(teacher, [0, 0])
+
+
+def test_supervised_logits_match_full_forward():
+    tok = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tok), num_layers=2).eval()
+    ids = torch.randint(4, len(tok), (2, 8))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    logits, targets = supervised_logits(model, batch)
+    full = model(ids).logits[:, :-1]  # (B, T-1, V): position t predicts t+1
+    mask = labels[:, 1:] != -100
+    torch.testing.assert_close(logits, full[mask])
+    assert torch.equal(targets, labels[:, 1:][mask])
+
+
+def test_padded_vocab_shares_real_rows_and_other_tokenizers_refused(tmp_path):
+    a = M.resolve(str(save_tiny_model(tmp_path / "a")))
+    b = M.resolve(str(save_tiny_model(tmp_path / "b", vocab_pad_to=128)))
+    tok_a, tok_b = M.load_tokenizer(a), M.load_tokenizer(b)
+    n = M.shared_vocab_size(tok_a, tok_b, M.load_model(a), M.load_model(b))
+    assert n == len(tok_a) < 128
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    with pytest.raises(UserError, match="different tokenizers"):
+        M.shared_vocab_size(tok_a, other, M.load_model(a), M.load_model(b))
+
+
+def test_resolve_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="neither a directory"):
+        M.resolve(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        M.resolve(str(tmp_path / "empty"))

@@ -1,0 +1,100 @@
+"""The distill recipe on tiny models: outcomes, gradient accumulation, and kill -9 / resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kdkit.config import load_config
+from kdkit.data.render import tokenize_examples
+from kdkit.data.sources import load_examples
+from kdkit.recipes import distill
+from kdkit.teacher.online import online_signal_fn
+from kdkit.train.loop import micro_batches, train_step
+from kdkit.train.setup import build_student, load_teacher
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_distill_learns_and_writes_everything(tiny_config):
+    cfg = load_config(tiny_config, ["train.max_steps=30", "train.save_every=0"])
+    teacher = load_teacher(cfg)
+    t_before = _params(teacher.model)
+    out = distill.run(cfg, teacher=teacher)
+    run = Path(cfg.run.dir)
+    hist = out["history"]
+    assert sum(h["kl"] for h in hist[-5:]) < 0.5 * sum(h["kl"] for h in hist[:5])  # loss falls
+    assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in t_before.items())  # teacher unchanged
+    m = out["metrics"]
+    assert m["student_after"]["kl_to_teacher"] < m["student_before"]["kl_to_teacher"]
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "report.md", "student/model.safetensors",
+                 "student/tokenizer.json", "student/README.md"):
+        assert (run / name).is_file(), name
+    assert "Teacher:" in (run / "student/README.md").read_text()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 31))
+    assert list((run / "tb").iterdir())  # TensorBoard events
+
+
+def test_grad_accumulation_4x2_equals_1x8(tiny_config):
+    cfg = load_config(tiny_config)
+    teacher = load_teacher(cfg)
+    data = tokenize_examples(load_examples(cfg.data.train), teacher.tokenizer, max_length=64)
+    signal_fn = online_signal_fn(teacher.model, vocab=len(teacher.tokenizer), provenance=teacher.provenance())
+    grads, losses = [], []
+    for bs, accum in ((2, 4), (8, 1)):
+        student = build_student(cfg, teacher)[0]
+        batches = micro_batches(data, 0, batch_size=bs, grad_accum=accum, seed=0, pad_id=0)
+        assert sum(len(b["ids"]) for b in batches) == 8
+        out = train_step(student, batches, signal_fn, cfg, vocab=len(teacher.tokenizer), device="cpu",
+                         precision="fp32")
+        losses.append(out["loss"])
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
+    assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-7)
+
+
+def _run(cfg_path, *extra):
+    return subprocess.Popen([sys.executable, "-m", "kdkit.cli", "distill", str(cfg_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _last_step(run_dir: Path) -> int:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tiny_config, tmp_path):
+    whole = _run(tiny_config, "run.dir=" + str(tmp_path / "whole"))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-2000:]
+
+    killed_dir = tmp_path / "killed"
+    kill_at = random.Random(os.getpid()).randint(2, 9)
+    p = _run(tiny_config, f"run.dir={killed_dir}")
+    deadline = time.time() + 300
+    while _last_step(killed_dir) < kill_at and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert _last_step(killed_dir) < 12, "the run finished before it could be killed"
+    resumed = _run(tiny_config, f"run.dir={killed_dir}", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+
+    a = load_file(tmp_path / "whole" / "student" / "model.safetensors")
+    b = load_file(killed_dir / "student" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after kill at step >= {kill_at}"
+    steps = [json.loads(x)["step"] for x in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
