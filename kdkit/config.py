@@ -233,19 +233,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raise UserError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"{p}: the top level must be a mapping of sections (run, teacher, student, ...)")
-    return build_config(data, overrides=overrides, origin=str(p), lines=_yaml_lines(text))
+    cfg = build_config(data, overrides=overrides, origin=str(p), lines=_yaml_lines(text))
+    return resolve_paths(cfg, p.parent)
 
 
 def resolve_paths(cfg: Config, base: Path) -> Config:
-    """Make relative data/student paths in a config file relative to the file's folder."""
+    """Input paths are read from the current directory when they exist there, else from the config
+    file's folder (so shipped configs can name files beside them)."""
+
     def fix(value):
-        if value and not Path(value).is_absolute() and (base / value).exists():
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
             return str((base / value).resolve())
         return value
 
-    cfg.data.train = fix(cfg.data.train)
-    cfg.data.eval = fix(cfg.data.eval)
-    cfg.generate.prompts = fix(cfg.generate.prompts)
+    for section, key in (("data", "train"), ("data", "eval"), ("generate", "prompts"),
+                         ("generate", "eval_prompts"), ("teacher", "path"), ("student", "path")):
+        part = getattr(cfg, section)
+        setattr(part, key, fix(getattr(part, key)))
     return cfg
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -98,3 +99,20 @@ def test_sigkill_then_resume_is_bitwise_identical(tiny_config, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after kill at step >= {kill_at}"
     steps = [json.loads(x)["step"] for x in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+def test_config_student_and_eval_recipe(tiny_config, tiny_teacher):
+    """A randomly initialised student from a config, then `kdkit eval` on the saved result."""
+    from kdkit.recipes import evaluate
+
+    cfg = load_config(tiny_config, ["student.init=config", f"student.path={tiny_teacher}",
+                                    "student.config_overrides={num_hidden_layers: 1, hidden_size: 16}",
+                                    "train.max_steps=4", "train.save_every=0"])
+    out = distill.run(cfg)
+    assert out["metrics"]["student_after"]["params"] < out["metrics"]["teacher"]["params"]
+    ev = evaluate.run(cfg)
+    assert set(ev["metrics"]) == {"teacher", "student_before", "student_after"}
+    assert ev["metrics"]["student_after"]["kl_to_teacher"] == pytest.approx(
+        out["metrics"]["student_after"]["kl_to_teacher"], rel=1e-4)
+    assert ev["metrics"]["student_before"]["kl_to_teacher"] == pytest.approx(
+        out["metrics"]["student_before"]["kl_to_teacher"], rel=1e-4)
