@@ -81,13 +81,17 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, description="clip the gradient norm to this (null: no clipping)")
     seed: int = Field(0, description="seed for initialisation, data order and sampling")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA with bf16 support, fp32 elsewhere"
+        "auto", description="auto: bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     log_every: int = Field(1, ge=1, description="write metrics every N steps")
     save_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="step checkpoints kept on disk")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description="a NaN/Inf loss or gradient: skip the update (weights, optimizer, schedule untouched) or stop"
+    )
+    max_bad_steps: int = Field(3, ge=1, description="abort after this many non-finite steps in a row")
 
 
 class GenerateConfig(Section):

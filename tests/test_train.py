@@ -116,3 +116,62 @@ def test_config_student_and_eval_recipe(tiny_config, tiny_teacher):
         out["metrics"]["student_after"]["kl_to_teacher"], rel=1e-4)
     assert ev["metrics"]["student_before"]["kl_to_teacher"] == pytest.approx(
         out["metrics"]["student_before"]["kl_to_teacher"], rel=1e-4)
+
+
+def test_sigterm_checkpoints_at_step_boundary_and_exits_143(tiny_config, tmp_path):
+    run_dir = tmp_path / "pre"
+    p = _run(tiny_config, f"run.dir={run_dir}", "train.save_every=0")
+    deadline = time.time() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 143, p.stderr.read()[-2000:]
+    step = _last_step(run_dir)
+    assert 3 <= step < 12
+    resumed = _run(tiny_config, f"run.dir={run_dir}", "train.save_every=0", "--resume")
+    assert resumed.wait(timeout=300) == 0
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 13))
+
+
+def test_nonfinite_step_is_skipped_untouched_or_stops(tiny_config):
+    from kdkit.train.loop import distill as train_loop
+    from kdkit.train.loop import optimizer_step
+    from kdkit.train.optim import build_optimizer
+
+    cfg = load_config(tiny_config, ["train.max_steps=4", "train.save_every=0", "train.warmup_steps=0"])
+    teacher = load_teacher(cfg)
+    data = tokenize_examples(load_examples(cfg.data.train), teacher.tokenizer, max_length=64)
+    clean = online_signal_fn(teacher.model, vocab=len(teacher.tokenizer), provenance=teacher.provenance())
+    calls = []
+
+    def poisoned(batch):
+        calls.append(1)
+        sig = clean(batch)
+        if len(calls) in (3, 4):  # both micro-batches of step 2
+            sig.logits[0, 0] = float("nan")
+        return sig
+
+    student = build_student(cfg, teacher)[0]
+    hist = train_loop(student, poisoned, data, cfg, run_dir=Path(cfg.run.dir), vocab=len(teacher.tokenizer),
+                      pad_id=0).history
+    assert [h["skipped"] for h in hist] == [False, True, False, False]
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+    # a skipped update leaves parameters, optimizer state and schedule exactly as they were
+    opt, sched = build_optimizer(student, cfg.train)
+    for p in student.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer_step(student, opt, sched, {"loss": 1.0}, cfg.train, step=1, ids=[])  # one real step first
+    before = _params(student), repr(opt.state_dict()), sched.last_epoch
+    for p in student.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    assert not optimizer_step(student, opt, sched, {"loss": 1.0}, cfg.train, step=2, ids=["a"])
+    after = _params(student), repr(opt.state_dict()), sched.last_epoch
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1:] == after[1:]
+
+    calls.clear()
+    cfg.train.nonfinite = "stop"
+    with pytest.raises(FloatingPointError, match="step 2: non-finite"):
+        train_loop(build_student(cfg, teacher)[0], poisoned, data, cfg, run_dir=Path(cfg.run.dir) / "stop",
+                   vocab=len(teacher.tokenizer), pad_id=0)

@@ -1,6 +1,7 @@
 """Pure loss math, importable without a trainer: divergences, masking/normalisation, the KD objective."""
 
 from .divergences import DIVERGENCES, forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
+from .fused import fused_distill_loss
 from .objective import LossParts, distill_loss
 from .reduce import masked_sum, normalize, token_mean
 
@@ -9,6 +10,7 @@ __all__ = [
     "LossParts",
     "distill_loss",
     "forward_kl",
+    "fused_distill_loss",
     "jsd",
     "masked_sum",
     "normalize",

@@ -19,7 +19,8 @@ above); the rest is O(N·V) element-wise work per chunk, kept small by the chunk
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -107,16 +108,31 @@ def _chunk_objective(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec) -> t
     return objective, kd.detach(), ce.detach()
 
 
+def _objective_and_sums(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec):
+    """`_chunk_objective` in the (value, aux) form `torch.func.grad_and_value` expects."""
+    objective, kd, ce = _chunk_objective(z_s, z_t, labels, spec)
+    return objective, (kd, ce)
+
+
 def _chunk_grad(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec) -> tuple[Tensor | None, Tensor, Tensor]:
-    """d objective / d student logits (c, V) fp32 (None without grad), Σ divergence, Σ CE."""
+    """d objective / d student logits (c, V) fp32 (None without grad), Σ divergence, Σ CE.
+
+    Pure tensor code (torch.func, no autograd graph kept): the same function runs eagerly or
+    compiled by `_compiled_chunk_grad`, where inductor fuses the ~20 element-wise passes of
+    the divergence and its backward into a few loops over the chunk.
+    """
     if not spec.need_grad:
         _, kd, ce = _chunk_objective(z_s, z_t, labels, spec)
         return None, kd, ce
-    with torch.enable_grad():
-        z_s = z_s.detach().requires_grad_(True)  # (c, V): the leaf we differentiate against
-        objective, kd, ce = _chunk_objective(z_s, z_t, labels, spec)
-        (g,) = torch.autograd.grad(objective, z_s)  # (c, V)
-    return g, kd, ce
+    g, (_, (kd, ce)) = torch.func.grad_and_value(_objective_and_sums, has_aux=True)(z_s, z_t, labels, spec)
+    return g, kd, ce  # (c, V), (), ()
+
+
+@functools.cache
+def _compiled_chunk_grad():
+    # dynamic=None: the first shape is compiled static; a second one (the last, shorter chunk)
+    # recompiles once with a symbolic row count instead of once per distinct size.
+    return torch.compile(_chunk_grad, dynamic=None)
 
 
 @dataclass
@@ -154,7 +170,7 @@ class _FusedDistill(torch.autograd.Function):
     """(total, kd, ce) of the chunked objective; gradients w.r.t. student hidden, weight, bias."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, student, teacher, count, spec, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, student, teacher, count, spec, chunk_size, compiled):
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) supervised rows only cost FLOPs
         want = ctx.needs_input_grad[:3] if spec.need_grad else (False, False, False)
         grads = _Grads(
@@ -166,12 +182,13 @@ class _FusedDistill(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         all_rows = rows.numel() == labels.numel()
+        step = _compiled_chunk_grad() if compiled else _chunk_grad
         for start in range(0, rows.numel(), chunk_size):
             # Contiguous slices when nothing is masked (views, no gather); else an index gather.
             idx = slice(start, start + chunk_size) if all_rows else rows[start : start + chunk_size]
             h, z_s = student.logits(idx)  # (c, H), (c, V)
             _, z_t = teacher.logits(idx)  # (c, V)
-            g, kd, ce = _chunk_grad(z_s, z_t, labels[idx], spec)
+            g, kd, ce = step(z_s, z_t, labels[idx], spec)
             kd_sum += kd
             ce_sum += ce
             if g is not None:
@@ -185,7 +202,7 @@ class _FusedDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
         scaled = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors)
-        return (*scaled, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None)
 
 
 def _total(kd: Tensor, ce: Tensor, spec: _Spec) -> Tensor:
@@ -211,23 +228,30 @@ def _check_shapes(hidden: Tensor, weight: Tensor, labels: Tensor, vocab: int, te
         )
 
 
-def _teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_logits, *, n: int, mm_dtype):
-    """The teacher side as a `_Head` (online) or `_DenseTeacher`, with its vocabulary size."""
-    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
-        raise ValueError("give the teacher either as teacher_hidden + teacher_weight, or as teacher_logits")
-    if teacher_logits is not None:
-        logits = teacher_logits.logits if isinstance(teacher_logits, DenseSignal) else teacher_logits  # (N, V)
-        if logits.dim() != 2 or logits.shape[0] != n:
-            raise ValueError(f"teacher logits {tuple(logits.shape)} must be (N, V) with N = {n}")
-        return _DenseTeacher(logits.detach(), logits.shape[1]), logits.shape[1]
-    if teacher_hidden.shape[0] != n or teacher_hidden.shape[1] != teacher_weight.shape[1]:
+def _dense_teacher_logits(teacher_logits: DenseSignal | Tensor | None, n: int) -> Tensor | None:
+    if teacher_logits is None:
+        return None
+    logits = teacher_logits.logits if isinstance(teacher_logits, DenseSignal) else teacher_logits  # (N, V)
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(f"teacher logits {tuple(logits.shape)} must be (N, V) with N = {n}")
+    return logits.detach()
+
+
+def _teacher(hidden, weight, bias, logits, *, n: int, vocab: int, mm_dtype) -> _Head | _DenseTeacher:
+    """The teacher side: a `_Head` (online) or `_DenseTeacher`, reading the first `vocab` logits."""
+    if logits is not None:
+        return _DenseTeacher(logits, vocab)
+    if hidden.shape[0] != n or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"teacher hidden {tuple(teacher_hidden.shape)} must be (N, H_t) with N = {n}, "
-            f"and teacher weight {tuple(teacher_weight.shape)} (V, H_t)"
+            f"teacher hidden {tuple(hidden.shape)} must be (N, H_t) with N = {n}, "
+            f"and teacher weight {tuple(weight.shape)} (V, H_t)"
         )
-    bias = None if teacher_bias is None else teacher_bias.detach().to(mm_dtype or teacher_weight.dtype)
-    head = _Head(teacher_hidden.detach(), teacher_weight.detach().to(mm_dtype or teacher_weight.dtype), bias)
-    return head, teacher_weight.shape[0]
+    dtype = mm_dtype or weight.dtype
+    return _Head(
+        hidden.detach(),
+        weight.detach()[:vocab].to(dtype),  # (V, H_t)
+        None if bias is None else bias.detach()[:vocab].to(dtype),
+    )
 
 
 @torch.compiler.disable  # an outer torch.compile runs this eagerly (its loop and autograd.grad break graphs)
@@ -253,6 +277,7 @@ def fused_distill_loss(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     vocab: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    compiled: bool = False,
     **divergence_kwargs,
 ) -> LossParts:
     """`distill_loss` on logits = hidden (N, H) @ weight[:vocab]ᵀ (+ bias), chunk by chunk over rows.
@@ -264,20 +289,20 @@ def fused_distill_loss(
     `vocab` keeps the first `vocab` logits only (padded heads). `chunk_size` rows per chunk
     (default: from `memory_budget_bytes`). `matmul_dtype` (e.g. torch.bfloat16) runs the four
     products in that dtype (its GEMMs accumulate in fp32); softmaxes and sums are always fp32;
-    default: the inputs' dtype. Returns the same `LossParts` as `distill_loss`.
+    default: the inputs' dtype. `compiled=True` runs each chunk's divergence and its gradient
+    through torch.compile (fused element-wise loops: ~3x faster per chunk; the first call compiles
+    for tens of seconds). Returns the same `LossParts` as `distill_loss`.
     """
     _check_args(divergence, alpha, temperature, divergence_kwargs)
     n = student_hidden.shape[0]
-    mm_dtype = matmul_dtype or student_weight.dtype
-    teacher, teacher_vocab = _teacher(
-        teacher_hidden, teacher_weight, teacher_bias, teacher_logits, n=n, mm_dtype=matmul_dtype
-    )
+    dense = _dense_teacher_logits(teacher_logits, n)  # (N, V_t) or None
+    if (dense is None) == (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("give the teacher either as teacher_hidden + teacher_weight, or as teacher_logits")
+    teacher_vocab = teacher_weight.shape[0] if dense is None else dense.shape[1]
     vocab = min(student_weight.shape[0], teacher_vocab) if vocab is None else vocab
     _check_shapes(student_hidden, student_weight, labels, vocab, teacher_vocab)
-    teacher.vocab = vocab  # both kinds of teacher read only the first `vocab` columns
-    if isinstance(teacher, _Head):
-        teacher.weight = teacher.weight[:vocab]
-        teacher.bias = None if teacher.bias is None else teacher.bias[:vocab]
+    teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, dense, n=n, vocab=vocab, mm_dtype=matmul_dtype)
+    mm_dtype = matmul_dtype or student_weight.dtype
     student = _Head(
         student_hidden.detach(),
         student_weight.detach()[:vocab].to(mm_dtype),  # (V, H); a view unless the dtype changes
@@ -292,5 +317,5 @@ def fused_distill_loss(
     chunk = chunk_size or auto_chunk_size(vocab, memory_budget_bytes=memory_budget_bytes)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
-    total, kd, ce = _apply(*inputs, labels, student, teacher, count, spec, chunk)
+    total, kd, ce = _apply(*inputs, labels, student, teacher, count, spec, chunk, compiled)
     return LossParts(total=total, kd=kd, ce=ce)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -41,11 +45,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 in hardware (CUDA Ampere+, CPUs with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # oneDNN's own check for native bf16 kernels on this CPU
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast where asked for, or on 'auto' where the device does bf16 well (CUDA)."""
-    use = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
+    """bf16 autocast (fp32 master weights) where asked for, or on 'auto' where the device does bf16
+    natively; fp32 otherwise."""
+    use = precision == "bf16" or (precision == "auto" and native_bf16(device))
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
 
@@ -81,9 +94,9 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
     lc = cfg.loss
     for batch in batches:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with torch.no_grad():
-            signal = signal_fn(batch)
         with autocast(device, precision):
+            with torch.no_grad():
+                signal = signal_fn(batch)
             s_logits, targets = supervised_logits(student, batch, vocab=vocab)  # (N, V), (N,)
         parts = distill_loss(
             s_logits, signal, targets, divergence=lc.divergence, temperature=lc.temperature,
@@ -115,6 +128,48 @@ def _div_kwargs(lc) -> dict:
     return {}
 
 
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits 143."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers only install there
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def optimizer_step(student, opt, sched, m: dict, tc, *, step: int, ids: list[str]) -> bool:
+    """Clip and step; a non-finite loss or gradient skips the update (parameters, optimizer and
+    schedule untouched) or stops the run, as `train.nonfinite` says. Returns whether it stepped."""
+    max_norm = tc.max_grad_norm if tc.max_grad_norm else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
+    m["grad_norm"], m["lr"] = float(grad_norm), sched.get_last_lr()[0]
+    finite = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
+    if finite:
+        opt.step()
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    if not finite:
+        msg = f"step {step}: non-finite loss {m['loss']} or gradient norm {m['grad_norm']} (examples {ids})"
+        if tc.nonfinite == "stop":
+            raise FloatingPointError(msg + "; stopping (train.nonfinite=stop)")
+        log.warning("%s; update skipped", msg)
+    return finite
+
+
 def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, run_dir: Path, vocab: int,
             pad_id: int, resume: bool = False) -> TrainResult:
     """Train `student` against `signal_fn` for cfg.train.max_steps optimizer steps."""
@@ -123,6 +178,8 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
     student.to(device).train()
     opt, sched = build_optimizer(student, tc)
     ckpt_dir = run_dir / "checkpoints"
+    save = partial(save_checkpoint, ckpt_dir, model=student, optimizer=opt, scheduler=sched,
+                   keep=tc.keep_checkpoints)
     start = 0
     if resume:
         restored = load_latest(ckpt_dir, model=student, optimizer=opt, scheduler=sched)
@@ -133,29 +190,34 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
     else:
         torch.manual_seed(tc.seed)
     writer = MetricsWriter(run_dir, start_step=start)
-    history = []
+    history, bad_in_a_row = [], 0
     bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc="distill", unit="step")
-    for step in bar:
-        t0 = time.perf_counter()
-        batches = micro_batches(data, step, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-                                seed=tc.seed, pad_id=pad_id)
-        m = train_step(student, batches, signal_fn, cfg, vocab=vocab, device=device, precision=tc.precision)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            student.parameters(), tc.max_grad_norm if tc.max_grad_norm else float("inf"))
-        m["lr"] = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        m.update(step=step + 1, grad_norm=float(grad_norm), tokens_per_s=m["tokens"] / (time.perf_counter() - t0))
-        history.append(m)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", top1=f"{m['top1']:.2f}",
-                        tok_s=f"{m['tokens_per_s']:.0f}")
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
-            writer.write(m)
-        if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.max_steps:
-            save_checkpoint(ckpt_dir, step + 1, model=student, optimizer=opt, scheduler=sched,
-                            keep=tc.keep_checkpoints)
-    save_checkpoint(ckpt_dir, tc.max_steps, model=student, optimizer=opt, scheduler=sched, keep=tc.keep_checkpoints)
+    with Preemption() as preempt:
+        for step in bar:
+            t0 = time.perf_counter()
+            batches = micro_batches(data, step, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+                                    seed=tc.seed, pad_id=pad_id)
+            m = train_step(student, batches, signal_fn, cfg, vocab=vocab, device=device, precision=tc.precision)
+            ids = [i for b in batches for i in b["ids"]]
+            stepped = optimizer_step(student, opt, sched, m, tc, step=step + 1, ids=ids)
+            bad_in_a_row = 0 if stepped else bad_in_a_row + 1
+            if bad_in_a_row >= tc.max_bad_steps:
+                raise FloatingPointError(f"{bad_in_a_row} non-finite steps in a row (train.max_bad_steps); "
+                                         "lower train.lr or check the data")
+            m.update(step=step + 1, skipped=not stepped, tokens_per_s=m["tokens"] / (time.perf_counter() - t0))
+            history.append(m)
+            bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", top1=f"{m['top1']:.2f}",
+                            tok_s=f"{m['tokens_per_s']:.0f}")
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
+                writer.write(m)
+            if preempt.requested:
+                save(step + 1)
+                writer.close()
+                log.warning("preempted: checkpoint at step %d written; rerun with --resume", step + 1)
+                raise SystemExit(143)
+            if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.max_steps:
+                save(step + 1)
+    save(tc.max_steps)
     writer.close()
     student.eval()
     return TrainResult(steps=tc.max_steps, resumed_from=start, history=history)
