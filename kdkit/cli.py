@@ -125,6 +125,17 @@ def config_validate(config: Path = CONFIG, overrides: Optional[list[str]] = OVER
     typer.echo(f"{config}: ok")
 
 
+@app.command()
+def export(source: str = typer.Argument(..., help="model dir, run dir (its student/), .gguf file or alias"),
+           format: str = typer.Option("gguf", "--format", help="gguf (llama.cpp) or hf (clean HF directory)"),
+           quant: str = typer.Option("f16", "--quant", help="GGUF weights: f16, q8_0 or q4_0"),
+           out: Optional[Path] = typer.Option(None, "--out", help="output file (gguf) or directory (hf)")):
+    """Ship a model: one GGUF file (f16/q8_0/q4_0) or a clean HF directory with its model card."""
+    from kdkit.recipes import export as recipe
+
+    typer.echo(f"wrote {recipe.run(source, fmt=format, quant=quant, out=str(out) if out else None)}")
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("KDKIT_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:

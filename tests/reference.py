@@ -96,3 +96,33 @@ def distill_loss(s, t, labels, divergence="forward_kl", temperature=1.0, alpha=1
     denom = max(count if num_tokens is None else int(num_tokens), 1)
     kd, ce = kd_sum / denom, ce_sum / denom
     return alpha * temperature**2 * kd + (1 - alpha) * ce, kd, ce
+
+
+def bucketed(s, t, k, temperature=1.0, capture_temperature=None):
+    """fp64 k + 1 buckets by hand: the teacher's top-k ids at the capture temperature, plus a tail.
+
+    Returns (student bucket probs (N, k+1), teacher bucket probs (N, k+1)) at `temperature`; the
+    teacher's top k are re-normalised to `temperature` with the tail mass kept as captured.
+    """
+    t_c = temperature if capture_temperature is None else capture_temperature
+    p_s, _ = probs_and_logprobs(s, temperature)
+    p_c, _ = probs_and_logprobs(t, t_c)
+    ids = torch.argsort(p_c, dim=-1, descending=True)[:, :k]
+    rows_s, rows_t = [], []
+    for i in range(s.shape[0]):
+        top_c = [float(p_c[i, j]) for j in ids[i]]
+        tail_t = max(1.0 - sum(top_c), 0.0)
+        weights = [q ** (t_c / temperature) if q > 0 else 0.0 for q in top_c]
+        top_t = [w / sum(weights) * (1.0 - tail_t) for w in weights]
+        chosen = set(int(j) for j in ids[i])
+        top_s = [p_s[i, j] for j in ids[i]]
+        tail_s = sum(p_s[i, j] for j in range(s.shape[1]) if j not in chosen)  # a loop, on purpose
+        rows_s.append(torch.stack(top_s + [torch.as_tensor(tail_s, dtype=torch.float64)]))
+        rows_t.append(torch.tensor(top_t + [tail_t], dtype=torch.float64))
+    return torch.stack(rows_s), torch.stack(rows_t)
+
+
+def bucketed_divergence(name, s, t, k, temperature=1.0, capture_temperature=None, **kw):
+    """A reference divergence on the buckets: their log-probs go in as logits at T = 1 (log 0 → NEG)."""
+    b_s, b_t = bucketed(s, t, k, temperature, capture_temperature)
+    return DIVERGENCES[name](torch.log(b_s), torch.log(b_t), temperature=1.0, **kw)

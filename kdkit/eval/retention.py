@@ -81,20 +81,21 @@ def markdown_table(metrics: dict[str, dict]) -> str:
 
 
 def write_report(metrics: dict[str, dict], run_dir: Path, *, extra: dict | None = None) -> tuple[Path, Path]:
-    """metrics.json (numbers) and report.md (the table) in the run directory, written atomically."""
+    """metrics.json (numbers), report.md and report.html (tables and plots) in the run directory."""
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = dict(metrics)
     if "student_before" in metrics and "student_after" in metrics:
         before, after = metrics["student_before"]["kl_to_teacher"], metrics["student_after"]["kl_to_teacher"]
         summary["kl_ratio_after_before"] = after / before if before else None
     summary.update(extra or {})
-    paths = run_dir / "metrics.json", run_dir / "report.md"
-    body = "# kdkit evaluation\n\nHeld-out data, next-token metrics on the reference answers.\n\n"
-    body += markdown_table(metrics) + "\n"
+    path = run_dir / "metrics.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(path)
+    notes = []
     if summary.get("kl_ratio_after_before") is not None:
-        body += f"\nKL to the teacher after/before distillation: {summary['kl_ratio_after_before']:.3f}×\n"
-    for path, text in zip(paths, (json.dumps(summary, indent=2), body)):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return paths
+        notes.append(f"KL to the teacher after/before distillation: {summary['kl_ratio_after_before']:.3f}×")
+    from kdkit.eval.report import render_report  # report imports this module
+
+    report = render_report(run_dir, metrics, notes=notes)  # report.md + report.html + plots/
+    return path, report["md"]

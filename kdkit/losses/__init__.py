@@ -2,8 +2,9 @@
 
 from .divergences import DIVERGENCES, forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
 from .fused import fused_distill_loss
-from .objective import LossParts, distill_loss
+from .objective import LossParts, distill_loss, sparse_distill_loss
 from .reduce import masked_sum, normalize, token_mean
+from .sparse import sparse_divergence, student_buckets, teacher_buckets
 
 __all__ = [
     "DIVERGENCES",
@@ -17,6 +18,10 @@ __all__ = [
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "sparse_distill_loss",
+    "sparse_divergence",
+    "student_buckets",
+    "teacher_buckets",
     "token_mean",
     "tvd",
 ]

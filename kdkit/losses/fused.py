@@ -14,7 +14,8 @@ are formed right away, so the chunk's logits die with the chunk: extra memory is
 The loss's backward only scales these stored gradients by the incoming gradient (as Liger does).
 
 Matmul work: 2·N·H·V FLOPs per projection (teacher forward, student forward, the two products
-above); the rest is O(N·V) element-wise work per chunk, kept small by the chunk staying in cache.
+above). The rest is O(N·V) element-wise work: ~20 passes over each chunk in eager mode, fused by
+inductor into one loop nest with `compiled=True` (the fast path for training).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .objective import IGNORE_INDEX, LossParts, _check_args
 from .reduce import masked_sum, normalize
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for a chunk's (c, V) temporaries
-# fp32 (c, V) tensors alive at once in a chunk step (logits of both, log-probs of both, p, the
-# log ratio, autograd's buffers, the gradient); measured with benchmarks/fused_loss.py.
+# fp32 (c, V) tensors alive at once in an eager chunk step (logits of both, log-probs of both, p,
+# the log ratio, autograd's buffers, the gradient): an upper estimate; the compiled step keeps ~4.
 _TEMPORARIES = 8
 
 
@@ -65,15 +66,20 @@ class _Head:
     hidden: Tensor  # (N, H)
     weight: Tensor  # (vocab, H), already in the matmul dtype
     bias: Tensor | None  # (vocab,), in the matmul dtype
+    buffer: Tensor | None = None  # (chunk, V) fp32, reused by every chunk: no allocation (or page faults) per chunk
 
-    def logits(self, rows: Tensor | slice) -> tuple[Tensor, Tensor]:
+    def logits(self, rows: Tensor | slice, chunk_size: int) -> tuple[Tensor, Tensor]:
         """The chunk's hidden rows (c, H) in the matmul dtype and its logits (c, V) fp32."""
         h = self.hidden[rows].to(self.weight.dtype)  # (c, H)
+        if self.buffer is None:
+            self.buffer = h.new_empty((chunk_size, self.weight.shape[0]), dtype=torch.float32)
+        out = self.buffer[: h.shape[0]]  # (c, V) contiguous view
+        if self.weight.dtype != torch.float32:  # low-precision GEMM, then upcast into the buffer
+            z = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
+            return h, out.copy_(z)
         if self.bias is None:
-            z = h @ self.weight.t()  # (c, V)
-        else:
-            z = torch.addmm(self.bias, h, self.weight.t())  # (c, V); bias added inside the GEMM
-        return h, z.float()  # fp32 for the softmaxes; no copy when already fp32
+            return h, torch.mm(h, self.weight.t(), out=out)
+        return h, torch.addmm(self.bias, h, self.weight.t(), out=out)  # bias added inside the GEMM
 
 
 @dataclass
@@ -83,7 +89,7 @@ class _DenseTeacher:
     logits_all: Tensor  # (N, V_any)
     vocab: int
 
-    def logits(self, rows: Tensor | slice) -> tuple[None, Tensor]:
+    def logits(self, rows: Tensor | slice, chunk_size: int) -> tuple[None, Tensor]:
         return None, self.logits_all[rows, : self.vocab]  # (c, V); upcast inside the divergence
 
 
@@ -130,9 +136,38 @@ def _chunk_grad(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec) -> tuple[
 
 @functools.cache
 def _compiled_chunk_grad():
-    # dynamic=None: the first shape is compiled static; a second one (the last, shorter chunk)
-    # recompiles once with a symbolic row count instead of once per distinct size.
-    return torch.compile(_chunk_grad, dynamic=None)
+    # Static shapes: every chunk is padded to the same row count (`_padded_step`), so one kernel
+    # serves all chunks of all steps; symbolic-shape kernels ran ~1.7x slower here on CPU.
+    return torch.compile(_chunk_grad, dynamic=False)
+
+
+def _pad_rows(x: Tensor, rows: int, fill) -> Tensor:
+    """x (c, …) extended to `rows` rows filled with `fill`; x itself when already that long."""
+    if x.shape[0] == rows:
+        return x
+    out = x.new_full((rows, *x.shape[1:]), fill)  # (rows, …)
+    out[: x.shape[0]] = x
+    return out
+
+
+def _padded_step(rows: int):
+    """The compiled chunk step on chunks padded to `rows` rows (label -100: they count for nothing)."""
+    step = _compiled_chunk_grad()
+
+    def run(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec):
+        c = labels.shape[0]
+        z_s, z_t = _pad_rows(z_s, rows, 0.0), _pad_rows(z_t, rows, 0.0)  # (rows, V) each
+        g, kd, ce = step(z_s, z_t, _pad_rows(labels, rows, IGNORE_INDEX), spec)
+        return (None if g is None else g[:c]), kd, ce  # (c, V)
+
+    return run
+
+
+def _step_rows(n: int, chunk_size: int, compiled: bool) -> int:
+    """Rows per chunk: at most `chunk_size`; compiled, a power of two for small n (few kernel shapes)."""
+    if not compiled:
+        return max(1, min(chunk_size, n))
+    return min(chunk_size, 1 << max(0, n - 1).bit_length())
 
 
 @dataclass
@@ -140,9 +175,23 @@ class _Grads:
     """Gradient accumulators for the student's hidden states, weight and bias (None: not wanted)."""
 
     hidden: Tensor | None  # (N, H) fp32: each row written once (masked rows stay 0)
-    weight: Tensor | None  # (V_all, H) fp32: accumulated over chunks
+    weight: Tensor | None  # (V_all, H) fp32, accumulated over chunks; rows < vocab uninitialised until `written`
     bias: Tensor | None  # (V_all,) fp32
     vocab: int
+    written: bool = False
+
+    @classmethod
+    def allocate(cls, want: tuple, hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab: int) -> "_Grads":
+        grad_w = None
+        if want[1]:
+            grad_w = torch.empty_like(weight, dtype=torch.float32)  # (V_all, H): the first chunk overwrites
+            grad_w[vocab:].zero_()  # padded rows past `vocab` get no gradient
+        return cls(
+            hidden=torch.zeros_like(hidden, dtype=torch.float32) if want[0] else None,
+            weight=grad_w,
+            bias=torch.zeros_like(bias, dtype=torch.float32) if want[2] else None,
+            vocab=vocab,
+        )
 
     def add_chunk(self, g: Tensor, h: Tensor, rows, head: _Head) -> None:
         """Fold one chunk's d/d logits g (c, V) fp32 into the accumulators; h (c, H) matmul dtype."""
@@ -152,14 +201,20 @@ class _Grads:
         if self.weight is not None:
             target = self.weight[: self.vocab]  # (V, H) view
             if g_mm.dtype == torch.float32:
-                target.addmm_(g_mm.t(), h)  # += gᵀ @ h in place, (V, c) @ (c, H)
-            else:  # low-precision GEMM (fp32 accumulation inside it), summed over chunks in fp32
+                # += gᵀ @ h in place, (V, c) @ (c, H); beta = 0 on the first chunk (no zero fill)
+                target.addmm_(g_mm.t(), h, beta=1.0 if self.written else 0.0)
+            elif self.written:  # low-precision GEMM (fp32 accumulation inside it), summed in fp32
                 target.add_(g_mm.t() @ h)
+            else:
+                target.copy_(g_mm.t() @ h)
+        self.written = True
         if self.bias is not None:
             self.bias[: self.vocab].add_(g.sum(dim=0))  # (V,)
 
     def finish(self, scale: Tensor, like: tuple) -> tuple:
         """Scaled gradients in the inputs' dtypes."""
+        if self.weight is not None and not self.written:  # no supervised row: zero gradient
+            self.weight.zero_()
         out = []
         for grad, ref in zip((self.hidden, self.weight, self.bias), like):
             out.append(None if grad is None else grad.mul_(scale).to(ref.dtype))
@@ -173,21 +228,17 @@ class _FusedDistill(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, student, teacher, count, spec, chunk_size, compiled):
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) supervised rows only cost FLOPs
         want = ctx.needs_input_grad[:3] if spec.need_grad else (False, False, False)
-        grads = _Grads(
-            hidden=torch.zeros_like(hidden, dtype=torch.float32) if want[0] else None,
-            weight=torch.zeros_like(weight, dtype=torch.float32) if want[1] else None,
-            bias=torch.zeros_like(bias, dtype=torch.float32) if want[2] else None,
-            vocab=student.weight.shape[0],
-        )
+        grads = _Grads.allocate(want, hidden, weight, bias, student.weight.shape[0])
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         all_rows = rows.numel() == labels.numel()
-        step = _compiled_chunk_grad() if compiled else _chunk_grad
+        chunk_size = _step_rows(rows.numel(), chunk_size, compiled)
+        step = _padded_step(chunk_size) if compiled else _chunk_grad
         for start in range(0, rows.numel(), chunk_size):
             # Contiguous slices when nothing is masked (views, no gather); else an index gather.
             idx = slice(start, start + chunk_size) if all_rows else rows[start : start + chunk_size]
-            h, z_s = student.logits(idx)  # (c, H), (c, V)
-            _, z_t = teacher.logits(idx)  # (c, V)
+            h, z_s = student.logits(idx, chunk_size)  # (c, H), (c, V)
+            _, z_t = teacher.logits(idx, chunk_size)  # (c, V)
             g, kd, ce = step(z_s, z_t, labels[idx], spec)
             kd_sum += kd
             ce_sum += ce
@@ -201,8 +252,10 @@ class _FusedDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
-        scaled = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors)
-        return (*scaled, None, None, None, None, None, None, None)
+        saved = ctx.saved_tensors
+        if not torch.equal(grad_total, torch.ones_like(grad_total)):  # loss.backward(): skip a (V, H) pass
+            saved = tuple(None if g is None else g * grad_total.to(g.dtype) for g in saved)
+        return (*saved, None, None, None, None, None, None, None)
 
 
 def _total(kd: Tensor, ce: Tensor, spec: _Spec) -> Tensor:
@@ -231,6 +284,11 @@ def _check_shapes(hidden: Tensor, weight: Tensor, labels: Tensor, vocab: int, te
 def _dense_teacher_logits(teacher_logits: DenseSignal | Tensor | None, n: int) -> Tensor | None:
     if teacher_logits is None:
         return None
+    if not isinstance(teacher_logits, (DenseSignal, Tensor)):
+        raise ValueError(
+            f"teacher_logits must be (N, V) logits or a DenseSignal, got {type(teacher_logits).__name__}; "
+            "for a SparseSignal use distill_loss on the student's logits (the fused path is dense-only)"
+        )
     logits = teacher_logits.logits if isinstance(teacher_logits, DenseSignal) else teacher_logits  # (N, V)
     if logits.dim() != 2 or logits.shape[0] != n:
         raise ValueError(f"teacher logits {tuple(logits.shape)} must be (N, V) with N = {n}")

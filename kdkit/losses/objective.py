@@ -12,15 +12,17 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdkit.signal import DenseSignal
+from kdkit.signal import DenseSignal, SparseSignal
 
 from .divergences import DIVERGENCES, _check_temperature
 from .reduce import token_mean
+from .sparse import sparse_divergence
 
 IGNORE_INDEX = -100
 
@@ -48,23 +50,37 @@ def _check_args(divergence: str, alpha: float, temperature: float, divergence_kw
         )
 
 
+def _dense_divergence(name: str, student_logits: Tensor, teacher_logits: Tensor, **kwargs) -> Tensor:
+    return DIVERGENCES[name](student_logits, teacher_logits, **kwargs)  # (N,)
+
+
 def distill_loss(
     student_logits: Tensor,
-    teacher: DenseSignal | Tensor,
+    teacher: DenseSignal | SparseSignal | Tensor,
     labels: Tensor,
     *,
     divergence: str = "forward_kl",
     temperature: float = 1.0,
     alpha: float = 1.0,
     num_tokens: int | Tensor | None = None,
+    capture_temperature: float | None = None,
     **divergence_kwargs,
 ) -> LossParts:
     """KD loss for student logits (N, V), teacher logits (N, V) and labels (N,) int64 (-100 = ignore).
 
+    The teacher may also be a `SparseSignal` (N rows of top-k): the divergence then runs on the
+    k + 1 buckets of `sparse.py` (its docstring states the tail and temperature conventions);
+    `capture_temperature` overrides the signal's `provenance.temperature` (sparse teachers only).
     The teacher is not detached here: a frozen teacher carries no gradient anyway.
     """
     _check_args(divergence, alpha, temperature, divergence_kwargs)
-    teacher_logits = teacher.logits if isinstance(teacher, DenseSignal) else teacher  # (N, V)
+    if isinstance(teacher, SparseSignal):
+        divergence_fn = partial(sparse_divergence, capture_temperature=capture_temperature)
+    elif capture_temperature is not None:
+        raise ValueError("capture_temperature applies to a SparseSignal teacher only")
+    else:
+        divergence_fn = _dense_divergence
+        teacher = teacher.logits if isinstance(teacher, DenseSignal) else teacher  # (N, V)
     if labels.shape != student_logits.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be (N,) for logits {tuple(student_logits.shape)}")
     mask = labels != IGNORE_INDEX  # (N,) bool
@@ -73,8 +89,8 @@ def distill_loss(
     # A part with weight 0 is still reported, but computed without a graph (no memory, and an inf
     # in it cannot turn the total into NaN through 0 · inf).
     with nullcontext() if alpha > 0 else torch.no_grad():
-        per_token = DIVERGENCES[divergence](
-            student_logits, teacher_logits, temperature=temperature, **divergence_kwargs
+        per_token = divergence_fn(
+            divergence, student_logits, teacher, temperature=temperature, **divergence_kwargs
         )  # (N,)
         kd = token_mean(per_token, mask, count)
     with nullcontext() if alpha < 1 else torch.no_grad():
@@ -91,3 +107,24 @@ def distill_loss(
     else:
         total = alpha * temperature**2 * kd + (1.0 - alpha) * ce
     return LossParts(total=total, kd=kd.detach(), ce=ce.detach())
+
+
+def sparse_distill_loss(
+    student_logits: Tensor,
+    signal: SparseSignal,
+    labels: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    num_tokens: int | Tensor | None = None,
+    capture_temperature: float | None = None,
+    **divergence_kwargs,
+) -> LossParts:
+    """`distill_loss` against a top-k `SparseSignal` (N, k) rather than dense logits; same `LossParts`."""
+    if not isinstance(signal, SparseSignal):
+        raise TypeError(f"sparse_distill_loss needs a SparseSignal, got {type(signal).__name__}")
+    return distill_loss(
+        student_logits, signal, labels, divergence=divergence, temperature=temperature, alpha=alpha,
+        num_tokens=num_tokens, capture_temperature=capture_temperature, **divergence_kwargs,
+    )

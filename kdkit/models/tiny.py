@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<|im_start|>", "<|im_end|>", "<unk>"
@@ -60,6 +60,32 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+BPE_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Say red and blue. green cat, dog sun moon tree fish bird "
+    "rain snow. What is 12 + 30? It is 42. Hello, world! How are you today? I am fine, thank you.\n"
+)
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained in code on a fixed sentence.
+
+    The special tokens of `tiny_tokenizer()` (same ids) plus GPT-2's `<|endoftext|>`, which GPT-2-style
+    readers (transformers' GGUF reader) add when it is missing; ChatML template; every byte is representable,
+    and the merges make it a real BPE (GGUF export and llama.cpp need this kind, not a char vocabulary).
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, "<|endoftext|>"],
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([BPE_CORPUS] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD_TOKEN, bos_token=BOS_TOKEN,
+                                        eos_token=EOS_TOKEN, unk_token=UNK_TOKEN, model_max_length=MAX_POSITIONS)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
 def tiny_llama(
     *,
     vocab_size: int,
@@ -102,13 +128,15 @@ def save_tiny_model(
     hidden_size: int = 32,
     seed: int = 0,
     vocab_pad_to: int | None = None,
+    bpe: bool = False,
 ) -> Path:
     """Write a tiny Llama + `tiny_tokenizer()` as a loadable HF directory; returns its path.
 
     `vocab_pad_to`: the model's vocab_size (embedding rows), which must be >= len(tokenizer);
     the extra rows stand for the padded vocabularies real checkpoints ship (e.g. to a multiple of 64).
+    `bpe`: use `tiny_bpe_tokenizer()` instead of the character-level one.
     """
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_bpe_tokenizer() if bpe else tiny_tokenizer()
     vocab_size = len(tokenizer) if vocab_pad_to is None else vocab_pad_to
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_pad_to={vocab_pad_to} is below the tokenizer's {len(tokenizer)} tokens")

@@ -1,0 +1,358 @@
+"""The offline teacher: top-k signals computed once, stored as verified shards, read back per batch.
+
+A cache directory holds `shard-00000.safetensors`, … and `manifest.json`. Shard i covers examples
+[i·shard_size, (i+1)·shard_size) of the TokenizedData it was built from, and holds, row-major over
+(example, supervised position) — the order of `supervised_positions(labels)` rows — the arrays of
+`encoding.py` (ids, codes, top, range, tail), `offsets` (n_examples + 1,) int64 (each example's
+first row), and the example ids (metadata "example_ids", a JSON list).
+
+The manifest records the provenance (teacher id and weights hash, tokenizer and chat-template
+hashes, temperature, k), the dataset hash, the encoding and a SHA-256 per shard; it holds no
+timestamps or paths, so two builds of the same cache have equal manifests.
+
+Crash safety: a shard is written to `*.tmp`, fsync'ed and renamed (os.replace), then the manifest is
+rewritten the same way with the shard's checksum. A rerun after kill -9 keeps every shard the
+manifest lists whose checksum holds and redoes the rest (a torn `*.tmp` is deleted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from kdkit.data.collate import collate
+from kdkit.data.render import IGNORE, TokenizedData
+from kdkit.errors import UserError
+from kdkit.models.forward import decoder_hidden, project, supervised_positions
+from kdkit.signal import Provenance, SparseSignal
+from kdkit.teacher import encoding
+
+MANIFEST = "manifest.json"
+FORMAT, VERSION = "kdkit-topk-cache", 1
+_HANDLES = 64  # open shard files kept by a CacheReader
+
+
+# ---------------------------------------------------------------- hashes and files
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_hash(data: TokenizedData) -> str:
+    """SHA-256 (16 hex) of the example ids, input_ids and labels, in order: what a cache was made from."""
+    h = hashlib.sha256()
+    for ex_id, ids, labels in zip(data.ids, data.input_ids, data.labels):
+        h.update(json.dumps([ex_id, ids, labels], separators=(",", ":")).encode())
+    return h.hexdigest()[:16]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 (16 hex) of the model's state_dict: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is missing or unreadable ({e}): is {cache_dir} a kdkit cache?") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise UserError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+    return manifest
+
+
+# ---------------------------------------------------------------- computing shards
+
+
+@torch.no_grad()
+def teacher_topk(model, batch: dict, *, k: int, temperature: float, vocab: int):
+    """Top-k log-probs at T for a batch's supervised rows: → ids (N, k), logprobs (N, k), tail (N,)."""
+    hidden = decoder_hidden(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+    mask, _ = supervised_positions(batch["labels"])  # (B, T-1)
+    logits = project(model, hidden[:, :-1][mask], vocab=vocab)  # (N, V)
+    lp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, V)
+    top, ids = lp.topk(k, dim=-1)  # (N, k), sorted: column 0 is the teacher's argmax
+    tail = torch.logsumexp(lp.scatter(1, ids, -torch.inf), dim=-1)  # (N,) stable log mass outside
+    return ids, top, tail
+
+
+def _supervised_counts(labels: list[list[int]]) -> list[int]:
+    """Rows each example contributes: positions t < T-1 whose target labels[t + 1] is supervised."""
+    return [sum(label != IGNORE for label in row[1:]) for row in labels]
+
+
+def _write_shard(model, data: TokenizedData, out_dir: Path, i: int, header: dict, *, batch_size: int) -> dict:
+    """Compute shard i, write it atomically, and return its manifest entry."""
+    first = i * header["shard_size"]
+    last = min(first + header["shard_size"], header["num_examples"])
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(first, last, batch_size):
+        rows = range(start, min(start + batch_size, last))
+        batch = collate([data.input_ids[r] for r in rows], [data.labels[r] for r in rows], pad_id=0)
+        batch = {key: v.to(device) for key, v in batch.items()}  # right padding: pad tokens never precede a row
+        parts.append(teacher_topk(model, batch, k=header["k"], temperature=header["temperature"], vocab=header["vocab"]))
+    ids, lp, tail = (torch.cat([p[j] for p in parts]) for j in range(3))  # (n, k), (n, k), (n,)
+    counts = _supervised_counts(data.labels[first:last])
+    if ids.shape[0] != sum(counts):
+        raise RuntimeError(f"shard {i}: {ids.shape[0]} teacher rows for {sum(counts)} supervised positions")
+    arrays = encoding.encode(ids, lp, tail, vocab=header["vocab"])
+    arrays["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (n_ex + 1,)
+    final = out_dir / _shard_name(i)
+    tmp = final.with_name(final.name + ".tmp")
+    save_file(arrays, str(tmp), metadata={"example_ids": json.dumps(data.ids[first:last])})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)  # the commit point: a kill before it leaves only a .tmp, which is redone
+    _fsync_dir(out_dir)
+    return {"file": final.name, "first": first, "count": last - first, "tokens": sum(counts),
+            "bytes": final.stat().st_size, "sha256": _sha256_file(final)}
+
+
+# ---------------------------------------------------------------- building, verifying, repairing
+
+
+def _header(model, data: TokenizedData, provenance: Provenance, *, k: int, temperature: float, vocab: int,
+            shard_size: int) -> dict:
+    if not 1 <= k <= vocab:
+        raise UserError(f"cache k={k} must be in 1..{vocab} (the vocabulary)")
+    if shard_size < 1:
+        raise UserError(f"cache shard_size={shard_size} must be >= 1")
+    weights = weights_hash(model)
+    prov = dataclasses.replace(provenance, temperature=float(temperature), top_k=k,
+                               teacher_revision=provenance.teacher_revision or weights)
+    n = len(data.input_ids)
+    return {
+        "format": FORMAT, "version": VERSION, "provenance": prov.to_dict(), "weights_sha256": weights,
+        "k": k, "temperature": float(temperature), "vocab": vocab, "encoding": encoding.DESCRIPTION,
+        "id_dtype": encoding.id_dtype(vocab).name, "bytes_per_token": encoding.bytes_per_token(k, vocab),
+        "dataset_hash": dataset_hash(data), "num_examples": n,
+        "num_tokens": sum(_supervised_counts(data.labels)), "shard_size": shard_size,
+        "num_shards": -(-n // shard_size),
+    }
+
+
+def _good_entries(out_dir: Path, manifest: dict) -> dict[int, dict]:
+    """Manifest entries whose shard file exists and matches its checksum, by shard index."""
+    good = {}
+    for entry in manifest.get("shards", []):
+        path = out_dir / entry["file"]
+        if path.is_file() and _sha256_file(path) == entry["sha256"]:
+            good[entry["first"] // manifest["shard_size"]] = entry
+    return good
+
+
+def _fill(model, data: TokenizedData, out_dir: Path, header: dict, good: dict[int, dict], *, batch_size: int,
+          progress: bool) -> list[str]:
+    """Write every shard not in `good`, rewriting the manifest after each; returns the files written."""
+    for stale in out_dir.glob("*.tmp"):
+        stale.unlink()  # torn writes of a killed run
+    written = []
+    todo = [i for i in range(header["num_shards"]) if i not in good]
+    done = sum(e["count"] for e in good.values())
+    bar = tqdm(total=header["num_examples"], initial=done, desc="cache", unit="ex", disable=not progress)
+    for i in todo:
+        good[i] = _write_shard(model, data, out_dir, i, header, batch_size=batch_size)
+        written.append(good[i]["file"])
+        shards = [good[j] for j in sorted(good)]
+        _atomic_json(out_dir / MANIFEST, {**header, "shards": shards, "complete": len(good) == header["num_shards"]})
+        bar.update(good[i]["count"])
+    bar.close()
+    if not todo:  # nothing to write, but the manifest may predate the last shard's entry
+        _atomic_json(out_dir / MANIFEST, {**header, "shards": [good[j] for j in sorted(good)], "complete": True})
+    return written
+
+
+def build_cache(teacher_model, data: TokenizedData, out_dir: str | Path, *, k: int, temperature: float,
+                provenance: Provenance, vocab: int, shard_size: int = 256, batch_size: int = 8,
+                progress: bool = True) -> dict:
+    """Run the teacher over `data` once and store its top-k signals in `out_dir`; returns the manifest.
+
+    Resumes a killed build (finished shards kept after their checksum is checked) and redoes damaged
+    shards of a finished one. Refuses an `out_dir` holding a cache built with other settings.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = _header(teacher_model, data, provenance, k=k, temperature=temperature, vocab=vocab,
+                     shard_size=shard_size)
+    good = {}
+    if (out_dir / MANIFEST).exists():
+        old = read_manifest(out_dir)
+        differ = sorted(key for key in header if old.get(key) != header[key])
+        if differ:
+            lines = "; ".join(f"{key}: on disk {old.get(key)!r}, now {header[key]!r}" for key in differ)
+            raise UserError(f"{out_dir} holds a cache built with other settings ({lines}). "
+                            "Delete it or choose another output directory.")
+        good = _good_entries(out_dir, old)
+    _fill(teacher_model, data, out_dir, header, good, batch_size=batch_size, progress=progress)
+    return read_manifest(out_dir)
+
+
+@dataclass(frozen=True)
+class CacheProblem:
+    """One thing wrong with a cache: the file concerned and what is wrong with it."""
+
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+
+def verify_cache(cache_dir: str | Path) -> list[CacheProblem]:
+    """Every missing, unfinished or damaged shard (checksums recomputed); empty when the cache is whole."""
+    cache_dir = Path(cache_dir)
+    try:
+        manifest = read_manifest(cache_dir)
+    except UserError as e:
+        return [CacheProblem(MANIFEST, str(e))]
+    listed = {e["first"] // manifest["shard_size"]: e for e in manifest.get("shards", [])}
+    problems = []
+    for i in range(manifest["num_shards"]):
+        name = _shard_name(i)
+        if i not in listed:
+            problems.append(CacheProblem(name, "not written yet (the build was interrupted; rerun it to resume)"))
+        elif not (cache_dir / name).is_file():
+            problems.append(CacheProblem(name, "missing"))
+        elif _sha256_file(cache_dir / name) != listed[i]["sha256"]:
+            problems.append(CacheProblem(name, "checksum mismatch: the file is damaged"))
+    return problems
+
+
+def repair_cache(teacher_model, data: TokenizedData, cache_dir: str | Path, *, batch_size: int = 8,
+                 progress: bool = True) -> list[str]:
+    """Redo only the shards `verify_cache` finds wrong, with the teacher and data the cache was built
+    from (both checked against the manifest); returns the shard files rewritten."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    if dataset_hash(data) != manifest["dataset_hash"]:
+        raise UserError(f"{cache_dir} was built from other data (dataset hash {manifest['dataset_hash']}, "
+                        f"given {dataset_hash(data)}): repair needs the same tokenized data")
+    if weights_hash(teacher_model) != manifest["weights_sha256"]:
+        raise UserError(f"{cache_dir} was built with another teacher (weights {manifest['weights_sha256']}, "
+                        f"given {weights_hash(teacher_model)}): repair needs the same teacher")
+    header = {key: v for key, v in manifest.items() if key not in ("shards", "complete")}
+    good = _good_entries(cache_dir, manifest)
+    return _fill(teacher_model, data, cache_dir, header, good, batch_size=batch_size, progress=progress)
+
+
+# ---------------------------------------------------------------- reading
+
+
+class CacheReader:
+    """Random access to a finished cache by example id: `signal(ids)` → SparseSignal rows in order."""
+
+    def __init__(self, cache_dir: str | Path, *, verify: bool = False):
+        self.dir = Path(cache_dir)
+        self.manifest = read_manifest(self.dir)
+        if not self.manifest.get("complete"):
+            raise UserError(f"{self.dir} is an unfinished cache: rerun `kdkit cache` to finish it")
+        if verify and (problems := verify_cache(self.dir)):
+            raise UserError(f"{self.dir} is damaged: " + "; ".join(map(str, problems))
+                            + ". Run `kdkit cache verify DIR --repair`.")
+        self.provenance = Provenance(**self.manifest["provenance"])
+        self.dataset_hash = self.manifest["dataset_hash"]
+        self._handles: dict[int, object] = {}
+        self.index: dict[str, tuple[int, int, int]] = {}  # example id → (shard, first row, end row)
+        for entry in self.manifest["shards"]:
+            shard = entry["first"] // self.manifest["shard_size"]
+            f = self._open(shard)
+            offsets = f.get_tensor("offsets")
+            for j, ex_id in enumerate(json.loads(f.metadata()["example_ids"])):
+                self.index[ex_id] = (shard, int(offsets[j]), int(offsets[j + 1]))
+
+    def _open(self, shard: int):
+        if shard not in self._handles:
+            if len(self._handles) >= _HANDLES:
+                self._handles.pop(next(iter(self._handles)))  # oldest first
+            self._handles[shard] = safe_open(str(self.dir / _shard_name(shard)), framework="np")
+        return self._handles[shard]
+
+    def rows(self, ex_id: str) -> dict[str, np.ndarray]:
+        """The encoded arrays of one example's rows."""
+        try:
+            shard, start, end = self.index[ex_id]
+        except KeyError:
+            raise UserError(f"example {ex_id!r} is not in the cache {self.dir}: was it built from this data?") from None
+        f = self._open(shard)
+        return {name: f.get_slice(name)[start:end] for name in ("ids", "codes", "top", "range", "tail")}
+
+    def signal(self, example_ids: list[str]) -> SparseSignal:
+        """Rows of every example in order, row-major over (example, supervised position)."""
+        parts = [self.rows(ex_id) for ex_id in example_ids]
+        arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        ids, logprobs, tail = encoding.decode(arrays)  # (N, k), (N, k), (N,)
+        return SparseSignal(ids, logprobs, tail, self.provenance)
+
+
+def _unset(value) -> bool:
+    return value is None or value == ""
+
+
+def cache_signal_fn(reader: CacheReader, *, expected: Provenance, data_hash: str | None = None):
+    """`signal_fn(batch) -> SparseSignal` for the training loop, after refusing a cache whose provenance
+    differs from `expected` (fields left unset there, "" or None, are not compared) or whose dataset
+    hash differs from `data_hash` (see `dataset_hash`)."""
+    ignore = tuple(f.name for f in dataclasses.fields(expected) if _unset(getattr(expected, f.name)))
+    differ = {name: (b, a) for name, (a, b) in reader.provenance.mismatches(expected, ignore=ignore).items()}
+    if data_hash is not None and data_hash != reader.dataset_hash:
+        differ["dataset_hash"] = (data_hash, reader.dataset_hash)
+    if differ:
+        lines = "\n".join(f"  {name}: run {run!r}, cache {cached!r}" for name, (run, cached) in differ.items())
+        raise UserError(f"the teacher cache {reader.dir} does not match this run:\n{lines}\n"
+                        "Rebuild the cache with `kdkit cache` for this run's teacher, tokenizer, temperature and data.")
+
+    def signal_fn(batch: dict) -> SparseSignal:
+        signal = reader.signal(list(batch["ids"]))
+        mask, _ = supervised_positions(batch["labels"])  # (B, T-1)
+        if signal.num_tokens != int(mask.sum()):
+            raise UserError(f"the cache has {signal.num_tokens} rows for examples {list(batch['ids'])} but the batch "
+                            f"has {int(mask.sum())} supervised positions: the data differs from the cache's")
+        device = batch["labels"].device
+        return SparseSignal(signal.ids.to(device), signal.logprobs.to(device), signal.tail.to(device),
+                            signal.provenance)
+
+    return signal_fn

@@ -1,0 +1,231 @@
+"""The offline top-k cache (kdkit/teacher/cache.py, encoding.py, axolotl.py) on the tiny teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import chat_rows
+from kdkit.data.collate import collate
+from kdkit.data.render import tokenize_examples
+from kdkit.data.sources import to_example
+from kdkit.errors import UserError
+from kdkit.losses import distill_loss
+from kdkit.models import load as M
+from kdkit.models.forward import supervised_positions
+from kdkit.signal import Provenance, SparseSignal
+from kdkit.teacher import encoding
+from kdkit.teacher.axolotl import export_axolotl, import_axolotl
+from kdkit.teacher.cache import (
+    CacheReader, build_cache, cache_signal_fn, dataset_hash, read_manifest, repair_cache, verify_cache,
+)
+from kdkit.teacher.online import online_signal_fn
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    src = M.resolve(str(tiny_teacher))
+    tok = M.load_tokenizer(src)
+    model = M.freeze(M.load_model(src))
+    prov = Provenance(teacher_id="tiny", tokenizer_hash=M.tokenizer_hash(tok),
+                      chat_template_hash=M.chat_template_hash(tok))
+    return model, tok, prov
+
+
+def make_data(tok, n=10, seed=0):
+    examples = [to_example(r, index=i, source="t") for i, r in enumerate(chat_rows(n, seed=seed))]
+    return tokenize_examples(examples, tok, max_length=64)
+
+
+def build(teacher, out, data, **kw):
+    model, tok, prov = teacher
+    args = dict(k=8, temperature=1.0, provenance=prov, vocab=len(tok), shard_size=3, batch_size=2, progress=False)
+    return build_cache(model, data, out, **{**args, **kw})
+
+
+def batch_of(data, order):
+    batch = collate([data.input_ids[i] for i in order], [data.labels[i] for i in order], pad_id=0)
+    batch["ids"] = [data.ids[i] for i in order]
+    return batch
+
+
+# ---------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("k", [1, 8, 64])
+def test_encoding_round_trip_within_the_documented_bound(k):
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(50, 300, generator=g) * torch.rand(50, 1, generator=g) * 8
+    lp = torch.log_softmax(logits.double(), -1)
+    top, ids = lp.topk(k, dim=-1)
+    top[3, k // 2:] = -torch.inf  # a short top-k: invalid slots
+    top[4] = -torch.inf  # a row with no valid slot
+    tail = torch.logsumexp(lp.scatter(1, ids, -torch.inf), -1)
+    arrays = encoding.encode(ids, top, tail, vocab=300)
+    assert arrays["ids"].dtype == np.uint16 and arrays["codes"].dtype == np.uint8
+    got_ids, got_lp, got_tail = encoding.decode(arrays)
+    assert torch.equal(got_ids, ids)
+    finite = torch.isfinite(top)
+    assert torch.equal(torch.isfinite(got_lp), finite)
+    err = (got_lp.double() - top).abs()[finite]
+    bound = encoding.error_bound(top, arrays)[finite]
+    assert (err <= bound + 1e-5 * (1 + top.abs()[finite])).all(), (err - bound).max()
+    tail_err = (got_tail.double() - tail).abs()
+    assert (tail_err <= 2**-11 * tail.abs() + 1e-7).all()
+
+
+def test_bytes_per_token_and_id_width():
+    assert encoding.bytes_per_token(64, 49152) == 198 <= 200
+    assert encoding.id_dtype(65536) == np.uint16 and encoding.id_dtype(65537) == np.uint32
+    assert [encoding.bytes_per_token(k, 49152) for k in (8, 32, 64, 128)] == [30, 102, 198, 390]
+
+
+# ---------------------------------------------------------------- build and read
+
+
+def test_cache_rows_match_the_online_teacher_in_batch_order(teacher, tmp_path):
+    model, tok, prov = teacher
+    data = make_data(tok)
+    manifest = build(teacher, tmp_path / "c", data, k=len(tok), temperature=2.0)
+    assert manifest["complete"] and manifest["num_shards"] == 4 and verify_cache(tmp_path / "c") == []
+    reader = CacheReader(tmp_path / "c", verify=True)
+    batch = batch_of(data, [7, 2, 9, 0])  # across shards, out of order
+    expected = Provenance(tokenizer_hash=prov.tokenizer_hash, chat_template_hash=prov.chat_template_hash,
+                          temperature=2.0)
+    sig = cache_signal_fn(reader, expected=expected, data_hash=dataset_hash(data))(batch)
+    dense = online_signal_fn(model, vocab=len(tok), provenance=prov)(batch)
+    assert sig.num_tokens == int(supervised_positions(batch["labels"])[0].sum())
+    want = torch.log_softmax(dense.logits / 2.0, -1).gather(1, sig.ids)  # (N, k)
+    assert (sig.logprobs - want).abs().max() < 0.05
+    assert torch.equal(sig.ids[:, 0], dense.logits.argmax(-1))
+    # k = V: the cached loss is the online loss up to the encoding error (offline = online)
+    s = torch.randn(dense.logits.shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(sig.num_tokens, dtype=torch.long)
+    offline = distill_loss(s, sig, labels, temperature=2.0).total
+    online = distill_loss(s, dense, labels, temperature=2.0).total
+    assert abs(float(offline) - float(online)) < 1e-2 * float(online)
+
+
+def test_flipped_byte_is_named_by_verify_and_repair_redoes_only_that_shard(teacher, tmp_path):
+    model, tok, _ = teacher
+    data = make_data(tok)
+    before = build(teacher, tmp_path / "c", data)
+    shard = tmp_path / "c" / "shard-00002.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    problems = verify_cache(tmp_path / "c")
+    assert [p.file for p in problems] == ["shard-00002.safetensors"] and "checksum" in str(problems[0])
+    with pytest.raises(UserError, match="shard-00002"):
+        CacheReader(tmp_path / "c", verify=True)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("shard-*")}
+    assert repair_cache(model, data, tmp_path / "c", progress=False) == ["shard-00002.safetensors"]
+    assert verify_cache(tmp_path / "c") == [] and read_manifest(tmp_path / "c") == before
+    changed = {p.name for p in (tmp_path / "c").glob("shard-*") if p.stat().st_mtime_ns != mtimes[p.name]}
+    assert changed == {"shard-00002.safetensors"}
+    (tmp_path / "c" / "shard-00001.safetensors").unlink()
+    assert [str(p) for p in verify_cache(tmp_path / "c")] == ["shard-00001.safetensors: missing"]
+    with pytest.raises(UserError, match="other data"):
+        repair_cache(model, make_data(tok, seed=5), tmp_path / "c", progress=False)
+
+
+WORKER = """
+import sys, time, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from test_cache import make_data
+from kdkit.models import load as M
+from kdkit.signal import Provenance
+from kdkit.teacher.cache import build_cache
+src = M.resolve({teacher!r}); tok = M.load_tokenizer(src); model = M.freeze(M.load_model(src))
+prov = Provenance(teacher_id="tiny", tokenizer_hash=M.tokenizer_hash(tok), chat_template_hash=M.chat_template_hash(tok))
+if {slow}:
+    model.get_decoder().register_forward_hook(lambda *a: time.sleep(0.3))  # time for the kill to land mid-build
+build_cache(model, make_data(tok, n=16), {out!r}, k=8, temperature=1.0, provenance=prov, vocab=len(tok),
+            shard_size=2, batch_size=1, progress=False)
+"""
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_manifest(teacher, tiny_teacher, tmp_path):
+    out = tmp_path / "killed"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent), teacher=str(tiny_teacher), out=str(out), slow=True))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            try:
+                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 2:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    partial = read_manifest(out)
+    assert not partial["complete"] and 2 <= len(partial["shards"]) < 8
+    assert any("not written" in str(p) for p in verify_cache(out))
+    (out / "shard-00007.safetensors.tmp").write_bytes(b"torn")  # a torn write left behind
+    model, tok, _ = teacher
+    data = make_data(tok, n=16)
+    resumed = build(teacher, out, data, shard_size=2, batch_size=1)
+    fresh = build(teacher, tmp_path / "fresh", data, shard_size=2, batch_size=1)
+    assert resumed == fresh and resumed["complete"]
+    assert not list(out.glob("*.tmp")) and verify_cache(out) == []
+
+
+def test_provenance_mismatch_is_refused_naming_the_fields(teacher, tmp_path):
+    _, tok, prov = teacher
+    data = make_data(tok)
+    build(teacher, tmp_path / "c", data)
+    reader = CacheReader(tmp_path / "c")
+    wrong = Provenance(tokenizer_hash="other", chat_template_hash=prov.chat_template_hash, temperature=2.0)
+    with pytest.raises(UserError) as e:
+        cache_signal_fn(reader, expected=wrong, data_hash=dataset_hash(make_data(tok, seed=3)))
+    msg = str(e.value)
+    assert "tokenizer_hash" in msg and "temperature" in msg and "dataset_hash" in msg
+    assert "chat_template_hash" not in msg and "teacher_id" not in msg  # equal or unset: not named
+    right = Provenance(tokenizer_hash=prov.tokenizer_hash, temperature=1.0, top_k=8)
+    fn = cache_signal_fn(reader, expected=right, data_hash=dataset_hash(data))
+    assert isinstance(fn(batch_of(data, [1, 4])), SparseSignal)
+    with pytest.raises(UserError, match="not in the cache"):
+        fn(batch_of(make_data(tok, n=12), [11]))
+
+
+def test_an_output_dir_with_other_settings_is_refused(teacher, tmp_path):
+    _, tok, _ = teacher
+    data = make_data(tok)
+    build(teacher, tmp_path / "c", data)
+    with pytest.raises(UserError, match="temperature"):
+        build(teacher, tmp_path / "c", data, temperature=2.0)
+    with pytest.raises(UserError, match="unfinished|missing"):
+        (tmp_path / "d").mkdir()
+        CacheReader(tmp_path / "d")
+
+
+def test_axolotl_export_import_round_trip(teacher, tmp_path):
+    _, tok, _ = teacher
+    data = make_data(tok, n=4)
+    build(teacher, tmp_path / "c", data)
+    reader = CacheReader(tmp_path / "c")
+    assert export_axolotl(reader, data, tmp_path / "kd.jsonl") == 4
+    row = json.loads((tmp_path / "kd.jsonl").read_text().splitlines()[0])
+    assert {"target_token_ids", "target_logprobs", "target_mask", "input_ids", "labels"} <= set(row)
+    assert len(row["target_mask"]) == len(row["input_ids"]) and len(row["target_mask"][0]) == 8
+    back, signals = import_axolotl(tmp_path / "kd.jsonl")
+    assert back.ids == data.ids and back.input_ids == data.input_ids and back.labels == data.labels
+    for ex_id, sig in zip(data.ids, signals):
+        want = reader.signal([ex_id])
+        assert torch.equal(sig.ids, want.ids) and sig.tail is None
+        torch.testing.assert_close(sig.logprobs, want.logprobs)

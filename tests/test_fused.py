@@ -1,0 +1,250 @@
+"""kdkit.losses.fused against the dense path (distill_loss on full logits): values and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdkit.losses import DIVERGENCES, distill_loss, fused_distill_loss
+from kdkit.losses.fused import DEFAULT_MEMORY_BUDGET, auto_chunk_size
+from kdkit.signal import DenseSignal
+
+N, H, HT, V = 37, 16, 24, 101
+CASES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jsd", {"beta": 0.1}),
+    ("jsd", {"beta": 0.5}),
+    ("skew_forward_kl", {"skew": 0.1}),
+    ("skew_reverse_kl", {"skew": 0.5}),
+    ("tvd", {}),
+]
+CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in CASES]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_problem(*, n=N, seed=0, bias=True):
+    """Student hidden (N, H), head (V, H) (+ bias), teacher hidden (N, HT), head (V, HT), labels (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    p = {
+        "hidden": torch.randn(n, H, generator=g),
+        "weight": torch.randn(V, H, generator=g) * 0.7,
+        "bias": torch.randn(V, generator=g) if bias else None,
+        "t_hidden": torch.randn(n, HT, generator=g),
+        "t_weight": torch.randn(V, HT, generator=g) * 0.7,
+        "t_bias": torch.randn(V, generator=g) if bias else None,
+        "labels": torch.randint(0, V, (n,), generator=g),
+    }
+    p["labels"][[i for i in (1, 4, 5, 20, n - 1) if i < n]] = -100  # masked rows, including the last one
+    return p
+
+
+def leaves(p):
+    """Fresh leaf copies of the student's tensors (hidden, weight, bias) that require grad."""
+    return [None if p[k] is None else p[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+
+
+def grads(tensors):
+    return [None if t is None else t.grad for t in tensors]
+
+
+def dense(p, teacher_logits=None, **opts):
+    """The dense path: full logits, then distill_loss. Returns (LossParts, [grad h, grad W, grad b])."""
+    h, w, b = leaves(p)
+    logits = h @ w.t() + (0 if b is None else b)  # (N, V)
+    if teacher_logits is None:
+        teacher_logits = p["t_hidden"] @ p["t_weight"].t() + (0 if p["t_bias"] is None else p["t_bias"])
+    parts = distill_loss(logits, teacher_logits, p["labels"], **opts)
+    parts.total.backward()
+    return parts, grads([h, w, b])
+
+
+def fused(p, teacher_logits=None, **opts):
+    """The fused path on the same tensors. Returns (LossParts, [grad h, grad W, grad b])."""
+    h, w, b = leaves(p)
+    teacher = (
+        {"teacher_logits": teacher_logits}
+        if teacher_logits is not None
+        else {"teacher_hidden": p["t_hidden"], "teacher_weight": p["t_weight"], "teacher_bias": p["t_bias"]}
+    )
+    parts = fused_distill_loss(h, w, p["labels"], student_bias=b, **teacher, **opts)
+    parts.total.backward()
+    return parts, grads([h, w, b])
+
+
+def assert_parity(got, want, rtol=1e-5):
+    """Values to `rtol`; each gradient to `rtol` relative to its largest entry."""
+    (g_parts, g_grads), (w_parts, w_grads) = got, want
+    assert not g_parts.kd.requires_grad and not g_parts.ce.requires_grad
+    for a, b in [(g_parts.total, w_parts.total), (g_parts.kd, w_parts.kd), (g_parts.ce, w_parts.ce)]:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-7)
+    for a, b in zip(g_grads, w_grads):
+        if b is None:
+            assert a is None
+            continue
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk_size", [5, 8, 64])  # 32 supervised rows: 5 and 8 leave a short chunk
+@pytest.mark.parametrize("name,kw", CASES, ids=CASE_IDS)
+def test_online_teacher_matches_dense(name, kw, chunk_size):
+    p = make_problem()
+    opts = dict(divergence=name, temperature=2.0, alpha=0.3, **kw)
+    assert_parity(fused(p, chunk_size=chunk_size, **opts), dense(p, **opts))
+
+
+@pytest.mark.parametrize("temperature,alpha", [(0.5, 1.0), (4.0, 0.0), (1.0, 0.7)])
+@pytest.mark.parametrize("name,kw", CASES, ids=CASE_IDS)
+def test_dense_signal_teacher_with_inf_logits_matches_dense(name, kw, temperature, alpha):
+    p = make_problem(bias=False)
+    t = torch.randn(N, V, generator=torch.Generator().manual_seed(7)) * 3
+    t[0, 2] = t[3, 5] = t[3, 6] = t[9, :50] = -math.inf  # teacher zeros (banned tokens)
+    opts = dict(divergence=name, temperature=temperature, alpha=alpha, **kw)
+    got, want = fused(p, DenseSignal(t), chunk_size=6, **opts), dense(p, t, **opts)
+    if name == "reverse_kl" and alpha > 0:  # the student has mass where the teacher has none: +inf
+        assert got[0].total.item() == math.inf == want[0].total.item()
+        for a, b in zip(got[1][:2], want[1][:2]):  # rows at +inf carry no gradient, in both
+            assert not torch.isnan(a).any()
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+        assert got[1][0][2].abs().sum() > 0
+        if alpha == 1.0:  # row 0 is +inf: no gradient at all (with alpha < 1, its CE part still has one)
+            assert torch.equal(got[1][0][0], torch.zeros(H))
+        return
+    assert_parity(got, want)
+
+
+def test_padded_head_uses_first_vocab_columns_only():
+    p = make_problem()
+    pad = lambda x, rows: torch.cat([x, torch.randn(rows, *x.shape[1:]) * 5])  # noqa: E731
+    padded = dict(p, weight=pad(p["weight"], 27), bias=pad(p["bias"], 27), t_weight=pad(p["t_weight"], 3),
+                  t_bias=pad(p["t_bias"], 3))
+    opts = dict(divergence="jsd", alpha=0.5, beta=0.3)
+    got_parts, got_grads = fused(padded, vocab=V, chunk_size=7, **opts)
+    want_parts, want_grads = dense(p, **opts)
+    assert got_grads[1].shape == (V + 27, H) and (got_grads[1][V:] == 0).all() and (got_grads[2][V:] == 0).all()
+    got_grads = [got_grads[0], got_grads[1][:V], got_grads[2][:V]]
+    assert_parity((got_parts, got_grads), (want_parts, want_grads))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_all_masked_gives_zero_loss_and_zero_grads(name, alpha):
+    p = make_problem()
+    p["labels"][:] = -100
+    parts, (gh, gw, gb) = fused(p, divergence=name, alpha=alpha, chunk_size=4)
+    assert parts.total.item() == 0.0 and parts.kd.item() == 0.0 and parts.ce.item() == 0.0
+    assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gw, torch.zeros_like(gw))
+    assert torch.equal(gb, torch.zeros_like(gb))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+@pytest.mark.parametrize("name", ["forward_kl", "jsd", "tvd"])
+def test_grad_accumulation_4x2_equals_1x8(name, alpha):
+    p = make_problem(n=8)
+    p["labels"][:] = torch.tensor([-100, 3, -100, -100, 7, 9, -100, 11])  # rows 2-3: a fully masked micro-batch
+    num_tokens = int((p["labels"] != -100).sum())  # the global count over all 8 rows
+    opts = dict(divergence=name, temperature=2.0, alpha=alpha, num_tokens=num_tokens, chunk_size=3)
+    full_parts, full_grads = fused(p, **opts)
+    h, w, b = leaves(p)
+    summed = 0.0
+    for rows in torch.arange(8).split(2):
+        parts = fused_distill_loss(
+            h[rows], w, p["labels"][rows], student_bias=b, teacher_hidden=p["t_hidden"][rows],
+            teacher_weight=p["t_weight"], teacher_bias=p["t_bias"], **opts,
+        )
+        parts.total.backward()
+        summed = summed + parts.total.detach()
+    assert full_parts.total.item() > 0
+    torch.testing.assert_close(summed, full_parts.total, rtol=1e-6, atol=1e-7)
+    for a, b_ in zip(grads([h, w, b]), full_grads):
+        torch.testing.assert_close(a, b_, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_inputs_and_bf16_matmuls():
+    p = make_problem()
+    opts = dict(divergence="jsd", temperature=2.0, alpha=0.5)
+    want_parts, want_grads = dense(p, **opts)
+    bf = {k: (v.bfloat16() if v is not None and v.is_floating_point() else v) for k, v in p.items()}
+    for parts, got_grads, dtype in [
+        (*fused(bf, chunk_size=6, **opts), torch.bfloat16),  # bf16 inputs: bf16 grads
+        (*fused(p, chunk_size=6, matmul_dtype=torch.bfloat16, **opts), torch.float32),  # fp32 inputs, bf16 GEMMs
+    ]:
+        assert parts.total.dtype == torch.float32 and torch.isfinite(parts.total)
+        torch.testing.assert_close(parts.total, want_parts.total, rtol=3e-2, atol=1e-3)
+        for a, b in zip(got_grads, want_grads):
+            assert a.dtype == dtype and torch.isfinite(a).all()
+            torch.testing.assert_close(a.float(), b, rtol=0, atol=5e-2 * b.abs().max().item())
+
+
+def test_chunk_size_is_chosen_from_the_memory_budget():
+    assert auto_chunk_size(49152) == 168  # 256 MiB / (49152 · 4 B · 8 temporaries) = 170, rounded down to 8s
+    assert auto_chunk_size(151936) == 48
+    assert auto_chunk_size(V, memory_budget_bytes=1) == 1
+    assert auto_chunk_size(V, memory_budget_bytes=5 * V * 4 * 8) == 5  # under 8 rows: not rounded
+    assert auto_chunk_size(V, memory_budget_bytes=DEFAULT_MEMORY_BUDGET) >= N
+    p = make_problem()
+    opts = dict(divergence="skew_forward_kl", skew=0.2, alpha=0.4)
+    # A budget of 3 rows per chunk must give the same loss and gradients as the default (one chunk).
+    assert_parity(fused(p, memory_budget_bytes=3 * V * 4 * 8, **opts), fused(p, **opts))
+
+
+def test_grad_output_scales_the_stored_gradients_and_no_grad_gives_values():
+    p = make_problem()
+    h, w, b = leaves(p)
+    teacher = dict(teacher_hidden=p["t_hidden"], teacher_weight=p["t_weight"], teacher_bias=p["t_bias"])
+    (3.0 * fused_distill_loss(h, w, p["labels"], student_bias=b, chunk_size=9, **teacher).total).backward()
+    _, want = fused(p, chunk_size=9)
+    for a, b_ in zip(grads([h, w, b]), want):
+        torch.testing.assert_close(a, 3.0 * b_)
+    with torch.no_grad():
+        parts = fused_distill_loss(h, w, p["labels"], student_bias=b, chunk_size=9, **teacher)
+    assert not parts.total.requires_grad
+    torch.testing.assert_close(parts.total, dense(p)[0].total)
+
+
+def test_works_under_an_outer_torch_compile():
+    p = make_problem()
+    teacher = dict(teacher_hidden=p["t_hidden"], teacher_weight=p["t_weight"], teacher_bias=p["t_bias"])
+
+    @torch.compile(backend="eager")  # dynamo tracing around the loss; the loss itself runs eagerly
+    def step(h, w, b):
+        return fused_distill_loss(h, w, p["labels"], student_bias=b, divergence="jsd", chunk_size=7, **teacher).total
+
+    h, w, b = leaves(p)
+    step(h, w, b).backward()
+    assert_parity((fused(p, divergence="jsd", chunk_size=7)[0], grads([h, w, b])), dense(p, divergence="jsd"))
+
+
+def test_bad_arguments_raise_value_error():
+    p = make_problem()
+    h, w, y = p["hidden"], p["weight"], p["labels"]
+    with pytest.raises(ValueError, match="teacher"):
+        fused_distill_loss(h, w, y)
+    with pytest.raises(ValueError, match="teacher"):
+        fused_distill_loss(h, w, y, teacher_logits=torch.zeros(N, V), teacher_hidden=p["t_hidden"],
+                           teacher_weight=p["t_weight"])
+    with pytest.raises(ValueError, match="vocab"):
+        fused_distill_loss(h, w, y, teacher_logits=torch.zeros(N, V), vocab=V + 1)
+    with pytest.raises(ValueError, match="labels"):
+        fused_distill_loss(h, w, y[:-1], teacher_logits=torch.zeros(N, V))
+    with pytest.raises(ValueError, match="beta"):
+        fused_distill_loss(h, w, y, teacher_logits=torch.zeros(N, V), divergence="jsd", beta=2.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_distill_loss(h, w, y, teacher_logits=torch.zeros(N, V), chunk_size=-1)
+
+
+def test_compiled_chunk_step_matches_dense():
+    p = make_problem()
+    opts = dict(divergence="jsd", beta=0.3, temperature=2.0, alpha=0.5)
+    # chunk 12 over 32 supervised rows: 12, 12, 8 rows; the short last chunk recompiles once (dynamic)
+    assert_parity(fused(p, chunk_size=12, compiled=True, **opts), dense(p, **opts))
