@@ -13,8 +13,10 @@ For every (N, V, teacher H) it runs, each in its own process (so peak memory is 
   fused_c        the same, compiled chunk step (compiled=True)
   fused_c_bf16   compiled, bf16 matmuls with fp32 accumulation (matmul_dtype=torch.bfloat16)
 Time is the median of --repeats runs after one warm-up (compilation excluded); memory is the
-peak RSS growth (ru_maxrss) over the inputs. Ratios are to `dense` of the same divergence, and
-to `floor`; GFLOP/s counts 2·N·V·(H_t + 3·H) per forward + backward.
+peak RSS growth (ru_maxrss) over the inputs, after the warm-up. `/dense` is the time ratio to
+`dense` of the same divergence (separate processes); `/floor` is the ratio to the matmul floor
+timed interleaved with the method in the same process (robust to load drift on a shared machine).
+GFLOP/s counts 2·N·V·(H_t + 3·H) per forward + backward.
 """
 
 from __future__ import annotations
@@ -125,12 +127,18 @@ def worker(case: dict) -> dict:
     t0 = time.perf_counter()
     run()  # warm-up (and compilation)
     warm = time.perf_counter() - t0
-    times = []
+    peak = _rss_mb() - base  # before the interleaved floor runs below can add to it
+    floor = _runner("floor", "-", *inputs)
+    times, floors = [], []
     for _ in range(case["repeats"]):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"time": statistics.median(times), "warmup": warm, "peak_mb": _rss_mb() - base}
+        # The floor, interleaved with the method in this process: load on a shared machine drifts
+        # over minutes, and a ratio of neighbouring runs stays meaningful when absolute times do not.
+        for fn, out in ((run, times), (floor, floors)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return {"time": statistics.median(times), "floor": statistics.median(floors), "warmup": warm,
+            "peak_mb": max(peak, _rss_mb() - base) if case["method"] == "floor" else peak}
 
 
 def _spawn(case: dict, timeout: float) -> dict:
@@ -152,14 +160,14 @@ def _dense_fits(n: int, v: int) -> bool:
     return 10 * n * v * 4 < 0.8 * psutil.virtual_memory().available
 
 
-def _row(case: dict, res: dict, dense: dict, floor: dict) -> str:
+def _row(case: dict, res: dict, dense: dict) -> str:
     head = f"{case['n']:>5} {case['v']:>6} {case['ht']:>4} {case['divergence']:<10} {case['method']:<12}"
     if "error" in res:
         return f"{head} {res['error']}"
     flops = 2 * case["n"] * case["v"] * (case["ht"] + 3 * case["h"])
     vs_dense = f"{res['time'] / dense['time']:6.2f}x" if "time" in dense else "     -"
     mem_dense = f"{res['peak_mb'] / dense['peak_mb']:6.3f}x" if dense.get("peak_mb", 0) > 0 else "     -"
-    vs_floor = f"{res['time'] / floor['time']:6.2f}x" if "time" in floor else "     -"
+    vs_floor = f"{res['time'] / res['floor']:6.2f}x"  # the floor timed alongside, in the same process
     return (f"{head} {res['time']:8.3f} {vs_dense} {vs_floor} {res['peak_mb']:9.0f} {mem_dense} "
             f"{flops / res['time'] / 1e9:8.1f}")
 
@@ -185,9 +193,9 @@ def main(argv=None) -> None:
         for v in args.v:
             for ht in args.teacher_h:
                 shape = dict(n=n, v=v, h=args.h, ht=ht, repeats=args.repeats)
-                floor = _spawn(dict(shape, method="floor", divergence="-"), args.timeout)
                 if "floor" in args.methods:
-                    print(_row(dict(shape, method="floor", divergence="-"), floor, {}, floor), flush=True)
+                    floor = _spawn(dict(shape, method="floor", divergence="-"), args.timeout)
+                    print(_row(dict(shape, method="floor", divergence="-"), floor, {}), flush=True)
                 for div in args.divergence:
                     dense = {}
                     for method in [m for m in args.methods if m != "floor"]:
@@ -199,7 +207,7 @@ def main(argv=None) -> None:
                         else:
                             res = _spawn(case, args.timeout)
                         dense = res if method == "dense" else dense
-                        print(_row(case, res, dense, floor), flush=True)
+                        print(_row(case, res, dense), flush=True)
 
 
 if __name__ == "__main__":

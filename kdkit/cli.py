@@ -30,12 +30,13 @@ def _load(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
     return load_config(config, overrides or [])
 
 
-STAGES = ("generate", "distill", "eval")
+STAGES = ("generate", "cache", "distill", "eval")
 
 
 def run_pipeline(cfg: Config, stages=STAGES, *, resume: bool = False) -> dict:
-    """Run stages in order, sharing one loaded teacher; generated data feeds the next stage."""
-    from kdkit.recipes import distill, evaluate, generate
+    """Run stages in order, sharing one teacher; generated data feeds the later stages. The cache
+    stage runs only when the run reads its teacher signals from a cache (teacher.signal: cache)."""
+    from kdkit.recipes import cache, distill, evaluate, generate
     from kdkit.train.setup import load_teacher
 
     teacher = load_teacher(cfg)
@@ -45,6 +46,8 @@ def run_pipeline(cfg: Config, stages=STAGES, *, resume: bool = False) -> dict:
         cfg.data.train = cfg.data.train or str(paths["train"])
         if "eval" in paths:
             cfg.data.eval = cfg.data.eval or str(paths["eval"])
+    if "cache" in stages and cfg.teacher.signal == "cache":
+        cache.run(cfg, teacher=teacher)
     if "distill" in stages:
         out = distill.run(cfg, resume=resume, teacher=teacher)
     elif "eval" in stages:
@@ -92,6 +95,25 @@ def generate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
         typer.echo(f"{split}: {path}")
 
 
+@app.command()
+def cache(args: list[str] = typer.Argument(..., help="CONFIG [key=value …], or: verify DIR"),
+          repair: bool = typer.Option(False, "--repair", help="verify: redo damaged or missing shards")):
+    """Store the teacher's top-k log-probs for the training data (`kdkit cache verify DIR [--repair]`)."""
+    from kdkit.recipes import cache as recipe
+
+    if args[0] == "verify":
+        if len(args) != 2:
+            raise UserError("usage: kdkit cache verify DIR [--repair]")
+        problems = recipe.verify(Path(args[1]), repair=repair)
+        for p in problems:
+            typer.echo(f"damaged: {p}", err=True)
+        if problems:
+            raise typer.Exit(1)
+        typer.echo(f"{args[1]}: every shard verified" + (" (repaired)" if repair else ""))
+        return
+    typer.echo(f"cache: {recipe.run(_load(Path(args[0]), args[1:]))}")
+
+
 @app.command("eval")
 def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
     """Teacher vs student-before vs student-after on held-out data: metrics.json + report.md."""
@@ -103,7 +125,7 @@ def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
 @app.command()
 def pipeline(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
              resume: bool = typer.Option(False, "--resume", help="continue from the newest whole checkpoint")):
-    """generate (when generate.prompts is set) → distill → eval, from one config."""
+    """generate (when generate.prompts is set) → cache (when teacher.signal is cache) → distill → eval."""
     cfg = _load(config, overrides)
     stages = STAGES if cfg.generate.prompts else STAGES[1:]
     out = run_pipeline(cfg, stages, resume=resume)

@@ -32,6 +32,12 @@ class TeacherConfig(Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` when `path` is a directory")
     trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint (off: safer)")
     license: str | None = Field(None, description="the teacher's licence id, when its files do not say")
+    signal: Literal["online", "cache"] = Field(
+        "online", description="online: run the teacher in every step; cache: read top-k signals from cache_dir"
+    )
+    cache_dir: str | None = Field(None, description="top-k signal cache (default: RUN_DIR/cache); `kdkit cache` writes it")
+    top_k: int = Field(64, ge=1, description="kdkit cache: teacher log-probs kept per token")
+    cache_shard_size: int = Field(256, ge=1, description="kdkit cache: examples per shard")
 
 
 class StudentConfig(Section):

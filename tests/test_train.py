@@ -175,3 +175,25 @@ def test_nonfinite_step_is_skipped_untouched_or_stops(tiny_config):
     with pytest.raises(FloatingPointError, match="step 2: non-finite"):
         train_loop(build_student(cfg, teacher)[0], poisoned, data, cfg, run_dir=Path(cfg.run.dir) / "stop",
                    vocab=len(teacher.tokenizer), pad_id=0)
+
+
+def test_offline_cache_trains_like_online_and_refuses_other_data(tiny_config, tmp_path):
+    """`kdkit cache` then `distill` with teacher.signal=cache: same losses as online (k = V, lossy
+    1-byte log-probs aside); a cache built from other data is refused, naming the field."""
+    from kdkit.errors import UserError
+    from kdkit.recipes import cache as cache_recipe
+
+    common = ["train.max_steps=4", "train.save_every=0", "train.precision=fp32", "eval.student_before=false"]
+    online = distill.run(load_config(tiny_config, common + [f"run.dir={tmp_path / 'on'}"]))
+    cfg = load_config(tiny_config, common + [f"run.dir={tmp_path / 'off'}", "teacher.signal=cache",
+                                             "teacher.top_k=101"])
+    cache_recipe.run(cfg)
+    assert cache_recipe.verify(tmp_path / "off" / "cache") == []
+    offline = distill.run(cfg)
+    for a, b in zip(online["history"], offline["history"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+        assert b["top1"] == pytest.approx(a["top1"], abs=0.05)
+    other = load_config(tiny_config, common + [f"run.dir={tmp_path / 'off'}", "teacher.signal=cache",
+                                               "data.max_length=40"])
+    with pytest.raises(UserError, match="dataset_hash"):
+        distill.run(other)

@@ -99,7 +99,7 @@ def _chunk_objective(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec) -> t
     A part with weight 0 stays out of the objective (as in `distill_loss`: an inf in it must not
     turn the gradient into NaN through 0 · inf), but is still reported.
     """
-    mask = labels != IGNORE_INDEX  # (c,) bool; all True after the rows were dropped, kept for safety
+    mask = labels != IGNORE_INDEX  # (c,) bool; False only on the padding rows of the compiled step
     per_token = DIVERGENCES[spec.divergence](z_s, z_t, temperature=spec.temperature, **dict(spec.kwargs))  # (c,)
     kd = masked_sum(per_token, mask)
     ce_rows = F.cross_entropy(z_s, labels, reduction="none", ignore_index=IGNORE_INDEX)  # (c,)

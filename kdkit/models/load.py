@@ -195,7 +195,12 @@ def chat_template_hash(tok) -> str:
     return hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]
 
 
-def shared_vocab_size(teacher_tok, student_tok, teacher: PreTrainedModel, student: PreTrainedModel) -> int:
+def head_rows(model: PreTrainedModel) -> int:
+    """Rows of the model's output embedding (its logit columns), padding included."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def shared_vocab_size(teacher_tok, student_tok, teacher_rows: int, student_rows: int) -> int:
     """Columns of the logits that teacher and student share; extra (padding) rows are dropped.
 
     The same tokenizer with differently padded embedding matrices is fine. Different tokenizers
@@ -208,11 +213,9 @@ def shared_vocab_size(teacher_tok, student_tok, teacher: PreTrainedModel, studen
             "vocabulary. Use a student with the teacher's tokenizer (student.init: teacher_layers), "
             "or sequence-level distillation on teacher-written text (kdkit generate + distill with alpha: 0)."
         )
-    v_t = teacher.get_output_embeddings().weight.shape[0]
-    v_s = student.get_output_embeddings().weight.shape[0]
-    n = min(v_t, v_s)
+    n = min(teacher_rows, student_rows)
     if n < len(teacher_tok):
         raise UserError(f"a model's vocabulary ({n} rows) is smaller than its tokenizer ({len(teacher_tok)} tokens)")
-    if v_t != v_s:
-        log.info("teacher has %d logit rows, student %d: distilling over the shared %d", v_t, v_s, n)
+    if teacher_rows != student_rows:
+        log.info("teacher has %d logit rows, student %d: distilling over the shared %d", teacher_rows, student_rows, n)
     return n

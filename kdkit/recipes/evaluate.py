@@ -7,7 +7,7 @@ from pathlib import Path
 from kdkit.config import Config
 from kdkit.errors import UserError
 from kdkit.eval.retention import evaluate_models, markdown_table, write_report
-from kdkit.models.load import load_model, load_tokenizer, resolve, shared_vocab_size
+from kdkit.models.load import head_rows, load_model, load_tokenizer, resolve, shared_vocab_size
 from kdkit.train.loop import pick_device
 from kdkit.train.setup import build_student, load_teacher, tokenize_file
 
@@ -21,7 +21,7 @@ def run(cfg: Config, *, teacher=None) -> dict:
     src = resolve(str(student_dir))
     after, tok = load_model(src), load_tokenizer(src)
     before = build_student(cfg, teacher)[0] if cfg.eval.student_before else None
-    vocab = shared_vocab_size(teacher.tokenizer, tok, teacher.model, after)
+    vocab = shared_vocab_size(teacher.tokenizer, tok, head_rows(teacher.model), head_rows(after))
     held_out = tokenize_file(cfg.data.eval, tok, cfg, key="data.eval")
     if cfg.eval.limit:
         held_out.input_ids, held_out.labels = held_out.input_ids[: cfg.eval.limit], held_out.labels[: cfg.eval.limit]

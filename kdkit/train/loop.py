@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from kdkit.config import Config
 from kdkit.data.collate import batch_order, collate
 from kdkit.data.render import TokenizedData
-from kdkit.losses import distill_loss, forward_kl, token_mean
+from kdkit.losses import distill_loss, forward_kl, normalize, sparse_divergence
 from kdkit.models.forward import supervised_logits
+from kdkit.signal import SparseSignal
 from kdkit.train.checkpoint import load_latest, save_checkpoint
 from kdkit.train.metrics import MetricsWriter
 from kdkit.train.optim import build_optimizer
@@ -104,13 +105,9 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
         )
         parts.total.backward()
         with torch.no_grad():
-            t_logits = signal.logits
-            s = s_logits.detach()
-            mask = torch.ones(len(targets), dtype=torch.bool, device=s.device)
-            kl = parts.kd if (lc.divergence == "forward_kl" and lc.temperature == 1) else (
-                token_mean(forward_kl(s, t_logits), mask, num_tokens))
-            out["kl"] += float(kl)
-            out["top1"] += float((s.argmax(-1) == t_logits.argmax(-1)).sum())
+            kl, agree = agreement(s_logits.detach(), signal, parts, lc, num_tokens)
+            out["kl"] += kl
+            out["top1"] += agree
         out["loss"] += float(parts.total.detach())
         out["kd"] += float(parts.kd)
         out["ce"] += float(parts.ce)
@@ -118,6 +115,21 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
     out["top1"] /= max(num_tokens, 1)
     out["supervised_tokens"] = num_tokens
     return out
+
+
+def agreement(s_logits, signal, parts, lc, num_tokens: int) -> tuple[float, float]:
+    """(this micro-batch's share of KL(teacher ‖ student) at T = 1, count of top-1 agreements).
+
+    For a top-k signal the KL is over the k + 1 buckets and the teacher's argmax is its first id.
+    """
+    if lc.divergence == "forward_kl" and lc.temperature == 1:
+        kl = parts.kd  # already this quantity
+    elif isinstance(signal, SparseSignal):
+        kl = normalize(sparse_divergence("forward_kl", s_logits, signal).sum(), num_tokens)
+    else:
+        kl = normalize(forward_kl(s_logits, signal.logits).sum(), num_tokens)
+    teacher_top = signal.ids[:, 0] if isinstance(signal, SparseSignal) else signal.logits.argmax(-1)
+    return float(kl), float((s_logits.argmax(-1) == teacher_top).sum())
 
 
 def _div_kwargs(lc) -> dict:

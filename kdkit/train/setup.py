@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,12 +18,24 @@ from kdkit.signal import Provenance
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Teacher:
-    model: torch.nn.Module
-    tokenizer: object
-    source: M.ModelSource
-    license: str
+    """The teacher's tokenizer at once, its weights only when first used (a run that reads a
+    signal cache and starts from a pretrained student never loads them)."""
+
+    def __init__(self, cfg: Config):
+        tc = cfg.teacher
+        self.source = M.resolve(tc.path, gguf_file=tc.gguf_file)
+        self.trust_remote_code = tc.trust_remote_code
+        self.tokenizer = M.load_tokenizer(self.source, trust_remote_code=tc.trust_remote_code)
+        self.license = M.read_license(self.source, tc.license)
+        self._model = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            log.info("loading teacher %s", self.source.id)
+            self._model = M.freeze(M.load_model(self.source, trust_remote_code=self.trust_remote_code))
+        return self._model
 
     def provenance(self, temperature: float = 1.0) -> Provenance:
         return Provenance(
@@ -34,12 +45,11 @@ class Teacher:
 
 
 def load_teacher(cfg: Config) -> Teacher:
-    tc = cfg.teacher
-    src = M.resolve(tc.path, gguf_file=tc.gguf_file)
-    log.info("loading teacher %s", src.id)
-    tok = M.load_tokenizer(src, trust_remote_code=tc.trust_remote_code)
-    model = M.freeze(M.load_model(src, trust_remote_code=tc.trust_remote_code))
-    return Teacher(model, tok, src, M.read_license(src, tc.license))
+    return Teacher(cfg)
+
+
+def cache_dir(cfg: Config) -> Path:
+    return Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else Path(cfg.run.dir) / "cache"
 
 
 def build_student(cfg: Config, teacher: Teacher):
