@@ -38,6 +38,17 @@ class TeacherConfig(Section):
     cache_dir: str | None = Field(None, description="top-k signal cache (default: RUN_DIR/cache); `kdkit cache` writes it")
     top_k: int = Field(64, ge=1, description="kdkit cache: teacher log-probs kept per token")
     cache_shard_size: int = Field(256, ge=1, description="kdkit cache: examples per shard")
+    backend: Literal["local", "http"] = Field(
+        "local", description="generate: local runs `path` here; http asks an OpenAI-compatible server (vLLM, ...)"
+    )
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="http: the server's API root (…/v1)")
+    model: str | None = Field(None, description="http: the served model name (null: the first one /models lists)")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="http: NAME of the environment variable holding the API key (never the key)"
+    )
+    concurrency: int = Field(4, ge=1, description="http: requests in flight at once")
+    timeout_s: float = Field(120.0, gt=0.0, description="http: seconds one request may take in all (connect + answer)")
+    max_retries: int = Field(5, ge=0, description="http: retries of a request after 429/5xx, connection errors, timeouts")
 
 
 class StudentConfig(Section):
@@ -111,6 +122,9 @@ class GenerateConfig(Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling (do_sample only)")
     limit: int | None = Field(None, ge=1, description="answer only the first N prompts")
     eval_limit: int | None = Field(None, ge=1, description="answer only the first N held-out prompts")
+    top_logprobs: int = Field(
+        0, ge=0, description="http: also store the teacher's top-k log-probs per answer token (0: off)"
+    )
 
 
 class EvalConfig(Section):

@@ -38,3 +38,14 @@ def test_quantized_student_smaller_tied_and_ordered(tiny_config):
     assert 0 < m["int8"]["kl_to_teacher"] < m["int4"]["kl_to_teacher"]
     assert m["int8"]["kl_to_teacher"] < 0.05 * m["int4"]["kl_to_teacher"]  # 8 bits: ~16x finer steps than 4
     assert m["int8"]["top1_agreement"] >= 0.97
+
+
+def test_int8_kernel_path_for_bf16_matches_dequantized_matmul():
+    from kdkit.eval.quantize import QuantLinear
+
+    w, x = torch.randn(64, 96), torch.randn(3, 5, 96)
+    codes, scale = _quantize(w, 8, 32)
+    layer = QuantLinear(codes, scale, 8)
+    ref = x @ _dequantize(codes, scale, 8, torch.float32).T  # (3, 5, 64)
+    assert torch.equal(layer(x), ref)  # fp32: dequantize + matmul
+    torch.testing.assert_close(layer(x.bfloat16()).float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0.02)

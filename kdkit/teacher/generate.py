@@ -2,7 +2,8 @@
 
 Output is appended one JSON line per answer and flushed per batch; a rerun skips the ids already
 written (a torn last line from a kill is cut off first), so a killed run resumes without
-duplicates or gaps.
+duplicates or gaps. `done_ids`, `answer_row` and `prompt_messages` are the one definition of that
+format; the served backend (`kdkit.teacher.http`) writes through them too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from kdkit.data.sources import Example
 log = logging.getLogger(__name__)
 
 
-def _done_ids(path: Path) -> set[str]:
+def done_ids(path: Path) -> set[str]:
     """Ids already answered; truncates a torn last line left by a kill."""
     if not path.exists():
         return set()
@@ -38,7 +39,7 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
                      seed: int = 0) -> Path:
     """Answer every example's prompt with `model`; write {"id", "messages"} lines to `out_path`."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(out_path)
+    done = done_ids(out_path)
     todo = [e for e in examples if e.id not in done]
     prompts = {e.id: render_prompt(e, tokenizer) for e in todo}
     todo.sort(key=lambda e: len(prompts[e.id]))  # similar lengths per batch: less padding
@@ -65,8 +66,7 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
             for example, row in zip(chunk, answers):
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()
                 new_tokens += int((row != pad_id).sum())
-                messages = _prompt_messages(example) + [{"role": "assistant", "content": text}]
-                f.write(json.dumps({"id": example.id, "messages": messages}, ensure_ascii=False) + "\n")
+                f.write(answer_row(example, text))
             f.flush()
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
@@ -74,7 +74,14 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
     return out_path
 
 
-def _prompt_messages(example: Example) -> list[dict]:
+def answer_row(example: Example, text: str, **extra) -> str:
+    """One output line: {"id", "messages": prompt turns + the teacher's answer, **extra}, newline-ended."""
+    messages = prompt_messages(example) + [{"role": "assistant", "content": text}]
+    return json.dumps({"id": example.id, "messages": messages, **extra}, ensure_ascii=False) + "\n"
+
+
+def prompt_messages(example: Example) -> list[dict]:
+    """The example's prompt as chat turns (a trailing assistant turn, the old answer, is dropped)."""
     if example.messages is None:
         return [{"role": "user", "content": example.text or ""}]
     msgs = list(example.messages)
