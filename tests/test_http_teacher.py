@@ -255,7 +255,8 @@ def test_kill_9_then_rerun_gives_every_id_once_and_the_key_leaks_nowhere(serve, 
     ids = [r["id"] for r in _rows(out)]
     assert len(ids) == n and set(ids) == {f"p{i}" for i in range(n)}  # no duplicates, nothing missing
     manifest = json.loads((out.parent / "train.jsonl.manifest.json").read_text())
-    assert manifest["rows"] == n and manifest["teacher"]["backend"] == "http"
+    assert manifest["rows"] == n and manifest["teacher"] == {"backend": "http", "base_url": srv.url,
+                                                             "model": "fake-teacher"}  # asked /models
     assert {a for *_, a in srv.log} == {f"Bearer {SECRET}"}  # the key was sent, in the header only
     _assert_secret_nowhere(tmp_path, stdout, stderr, first.stdout.read(), first.stderr.read())
 

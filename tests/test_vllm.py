@@ -127,7 +127,7 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
-def test_generate_against_a_real_vllm_server(vllm_server, tmp_path):
+def test_generate_against_a_real_vllm_server(vllm_server, teacher_dir, tmp_path):
     questions = ["What is the capital of France?", "Name three colours.", "Say hello in one word.",
                  "What is 2 + 2?"]
     prompts = tmp_path / "prompts.jsonl"
@@ -156,4 +156,4 @@ def test_generate_against_a_real_vllm_server(vllm_server, tmp_path):
             assert top[0][0] == token  # greedy (temperature 0): the chosen token is the most likely one
     assert "paris" in rows["v0"]["messages"][-1]["content"].lower()
     manifest = json.loads((out.parent / "train.jsonl.manifest.json").read_text())
-    assert manifest["rows"] == len(questions) and manifest["teacher"]["backend"] == "http"
+    assert manifest["rows"] == len(questions) and manifest["teacher"]["model"] == str(teacher_dir)

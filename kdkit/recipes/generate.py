@@ -19,7 +19,7 @@ from kdkit.config import Config, save_config
 from kdkit.data.sources import load_examples
 from kdkit.errors import UserError
 from kdkit.teacher.generate import done_ids, generate_answers
-from kdkit.teacher.http import generate_answers_http
+from kdkit.teacher.http import ChatClient, generate_answers_http
 from kdkit.train.setup import load_teacher
 
 
@@ -44,15 +44,17 @@ def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
 
     if tc.backend == "http":
         api_key = os.environ.get(tc.api_key_env) or None  # read here, passed on, never stored
+        model = tc.model or ChatClient(tc.base_url, api_key=api_key, api_key_env=tc.api_key_env,
+                                       timeout=tc.timeout_s, max_retries=tc.max_retries).served_model()
 
         def answer(split_examples, out):
             return generate_answers_http(
-                split_examples, out, base_url=tc.base_url, model=tc.model, api_key=api_key,
+                split_examples, out, base_url=tc.base_url, model=model, api_key=api_key,
                 api_key_env=tc.api_key_env, max_new_tokens=gc.max_new_tokens,
                 temperature=gc.temperature if gc.do_sample else 0.0, top_p=gc.top_p,
                 concurrency=tc.concurrency, timeout=tc.timeout_s, max_retries=tc.max_retries,
                 seed=cfg.train.seed, top_logprobs=gc.top_logprobs)
-        source = {"backend": "http", "base_url": tc.base_url, "model": tc.model}
+        source = {"backend": "http", "base_url": tc.base_url, "model": model}
     else:
         teacher = teacher or load_teacher(cfg)
 
