@@ -84,6 +84,9 @@ class LossConfig(Section):
     alpha: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs hard-label CE")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: mixture weight of the teacher, M = β·p_T + (1-β)·p_S")
     skew: float = Field(0.1, ge=0.0, le=1.0, description="skew_*: DistiLLM's α, the share of the first distribution in the mix")
+    implementation: Literal["dense", "fused"] = Field(
+        "dense", description="dense: student logits (N, V) at once; fused: chunked from hidden states + lm_head (less memory)"
+    )
 
 
 class TrainConfig(Section):

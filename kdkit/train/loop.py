@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from kdkit.config import Config
 from kdkit.data.collate import batch_order, collate
 from kdkit.data.render import TokenizedData
-from kdkit.losses import distill_loss, forward_kl, normalize, sparse_divergence
-from kdkit.models.forward import supervised_logits
-from kdkit.signal import SparseSignal
+from kdkit.losses import distill_loss, forward_kl, fused_distill_loss, normalize, sparse_divergence
+from kdkit.models.forward import decoder_hidden, supervised_logits, supervised_positions
+from kdkit.signal import DenseSignal, SparseSignal
 from kdkit.train.checkpoint import load_latest, save_checkpoint
 from kdkit.train.metrics import MetricsWriter
 from kdkit.train.optim import build_optimizer
@@ -98,16 +98,20 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
         with autocast(device, precision):
             with torch.no_grad():
                 signal = signal_fn(batch)
-            s_logits, targets = supervised_logits(student, batch, vocab=vocab)  # (N, V), (N,)
-        parts = distill_loss(
-            s_logits, signal, targets, divergence=lc.divergence, temperature=lc.temperature,
-            alpha=lc.alpha, num_tokens=num_tokens, **_div_kwargs(lc),
-        )
+            if use_fused(lc, student, signal):
+                parts, kl, agree = _fused_micro(student, batch, signal, lc, vocab=vocab, num_tokens=num_tokens)
+            else:
+                s_logits, targets = supervised_logits(student, batch, vocab=vocab)  # (N, V), (N,)
+                parts = distill_loss(s_logits, signal, targets, divergence=lc.divergence,
+                                     temperature=lc.temperature, alpha=lc.alpha, num_tokens=num_tokens,
+                                     **_div_kwargs(lc))
+                kl, agree = None, None
         parts.total.backward()
-        with torch.no_grad():
-            kl, agree = agreement(s_logits.detach(), signal, parts, lc, num_tokens)
-            out["kl"] += kl
-            out["top1"] += agree
+        if kl is None:
+            with torch.no_grad():
+                kl, agree = agreement(s_logits.detach(), signal, parts, lc, num_tokens)
+        out["kl"] += kl
+        out["top1"] += agree
         out["loss"] += float(parts.total.detach())
         out["kd"] += float(parts.kd)
         out["ce"] += float(parts.ce)
@@ -115,6 +119,30 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
     out["top1"] /= max(num_tokens, 1)
     out["supervised_tokens"] = num_tokens
     return out
+
+
+def use_fused(lc, student, signal) -> bool:
+    """The fused path needs a dense teacher signal and a plain linear head (no logit softcapping)."""
+    if lc.implementation == "dense":
+        return False
+    if getattr(student.config, "final_logit_softcapping", None) or not isinstance(signal, DenseSignal):
+        raise ValueError("loss.implementation=fused needs a dense (online) teacher signal and a model "
+                         "without final-logit softcapping; use loss.implementation=dense")
+    return True
+
+
+def _fused_micro(student, batch, signal, lc, *, vocab: int, num_tokens: int):
+    """The loss from the student's hidden rows and lm_head, chunk by chunk: never (N, V) of the
+    student's logits. The progress metrics then come from the loss itself: KL is the KD term when
+    it is forward KL at T = 1 (else NaN) and top-1 agreement is not computed (NaN)."""
+    hidden = decoder_hidden(student, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+    mask, targets = supervised_positions(batch["labels"])
+    head = student.get_output_embeddings()
+    parts = fused_distill_loss(hidden[:, :-1][mask], head.weight, targets, teacher_logits=signal,
+                               student_bias=head.bias, divergence=lc.divergence, temperature=lc.temperature,
+                               alpha=lc.alpha, num_tokens=num_tokens, vocab=vocab, **_div_kwargs(lc))
+    kl = float(parts.kd) if (lc.divergence == "forward_kl" and lc.temperature == 1) else math.nan
+    return parts, kl, math.nan
 
 
 def agreement(s_logits, signal, parts, lc, num_tokens: int) -> tuple[float, float]:
