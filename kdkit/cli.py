@@ -30,13 +30,14 @@ def _load(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
     return load_config(config, overrides or [])
 
 
-STAGES = ("generate", "cache", "distill", "eval")
+STAGES = ("generate", "prune", "cache", "distill", "eval")
 
 
 def run_pipeline(cfg: Config, stages=STAGES, *, resume: bool = False) -> dict:
     """Run stages in order, sharing one teacher; generated data feeds the later stages. The cache
-    stage runs only when the run reads its teacher signals from a cache (teacher.signal: cache)."""
-    from kdkit.recipes import cache, distill, evaluate, generate
+    stage runs only when the run reads its teacher signals from a cache (teacher.signal: cache); the
+    prune stage only when prune.method is set, and then distill and eval start from RUN_DIR/pruned."""
+    from kdkit.recipes import cache, distill, evaluate, generate, prune
     from kdkit.train.setup import load_teacher
 
     teacher = load_teacher(cfg)
@@ -46,6 +47,10 @@ def run_pipeline(cfg: Config, stages=STAGES, *, resume: bool = False) -> dict:
         cfg.data.train = cfg.data.train or str(paths["train"])
         if "eval" in paths:
             cfg.data.eval = cfg.data.eval or str(paths["eval"])
+    if cfg.prune.method != "none":
+        if "prune" in stages:
+            prune.run(cfg, teacher=teacher)
+        prune.use_pruned(cfg)
     if "cache" in stages and cfg.teacher.signal == "cache":
         cache.run(cfg, teacher=teacher)
     if "distill" in stages:
@@ -125,7 +130,8 @@ def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
 @app.command()
 def pipeline(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
              resume: bool = typer.Option(False, "--resume", help="continue from the newest whole checkpoint")):
-    """generate (when generate.prompts is set) → cache (when teacher.signal is cache) → distill → eval."""
+    """generate (when generate.prompts is set) → prune (when prune.method is set) → cache (when
+    teacher.signal is cache) → distill → eval."""
     cfg = _load(config, overrides)
     stages = STAGES if cfg.generate.prompts else STAGES[1:]
     out = run_pipeline(cfg, stages, resume=resume)
@@ -156,6 +162,17 @@ def export(source: str = typer.Argument(..., help="model dir, run dir (its stude
     from kdkit.recipes import export as recipe
 
     typer.echo(f"wrote {recipe.run(source, fmt=format, quant=quant, out=str(out) if out else None)}")
+
+
+@app.command("prune")
+def prune_verb(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
+    """Prune the teacher (depth/width, ranked by importance on calibration data) into RUN_DIR/pruned."""
+    from kdkit.recipes import prune as recipe
+
+    out = recipe.run(_load(config, overrides))
+    typer.echo(f"{out['method']}: {out['params_before']:,} → {out['params_after']:,} parameters "
+               f"(target {out['target_params'] or '-'}), layers {out['layers_kept']}, {out['dims']}")
+    typer.echo(f"pruned: {out['pruned_dir']}")
 
 
 def main() -> None:

@@ -134,6 +134,45 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N held-out examples")
     student_before: bool = Field(True, description="also evaluate the student before distillation")
+    harness_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on every model: shipped kdkit_mc (multiple choice, acc) and "
+                    "kdkit_arith (generation, exact_match), or paths to lm-eval task YAMLs over local files; "
+                    "empty = off (needs `pip install 'kdkit[eval]'`)")
+    harness_limit: int | None = Field(None, ge=1, description="run only the first N documents of each harness task")
+    speed: bool = Field(True, description="measure prefill/decode tokens/s, latency per token, peak memory and "
+                                          "size on disk of every model")
+    speed_prompt_tokens: int = Field(128, ge=1, description="speed: prompt length of the prefill measurement")
+    speed_new_tokens: int = Field(32, ge=1, description="speed: greedy tokens decoded one at a time on the KV cache")
+
+
+class PruneConfig(Section):
+    method: Literal["none", "depth", "width", "both"] = Field(
+        "none",
+        description="none: no pruning; depth: drop whole layers; width: shrink heads/MLP/hidden; both: depth then "
+        "width. Set, `kdkit prune` writes RUN_DIR/pruned and distill/eval start from it (student.init=pretrained)",
+    )
+    target_params: float | None = Field(
+        None, gt=0.0,
+        description="parameter target: a count (e.g. 67e6) or, when <= 1, a fraction of the teacher's; the free "
+        "dimensions are chosen to come closest to it (width: MLP and hidden shrink by one ratio)",
+    )
+    num_layers: int | None = Field(None, ge=1, description="depth: layers kept (the most important ones)")
+    layer_metric: Literal["ppl", "cosine"] = Field(
+        "ppl", description="depth ranking: ppl = perplexity increase when the layer is skipped; cosine = 1 - cos(in, out)"
+    )
+    intermediate_size: int | None = Field(None, ge=1, description="width: MLP neurons kept per layer")
+    num_heads: int | None = Field(None, ge=1, description="width: query heads kept per layer (kept attention heads)")
+    num_kv_heads: int | None = Field(
+        None, ge=1,
+        description="width: KV heads (GQA groups) kept; null: all groups when num_heads divides evenly among them "
+        "(query heads pruned within groups), else whole groups",
+    )
+    hidden_size: int | None = Field(None, ge=1, description="width: embedding channels kept (every norm, embedding, head)")
+    round_to: int = Field(8, ge=1, description="target_params: chosen widths are multiples of this (64 suits GPUs)")
+    calibration: str | None = Field(None, description="calibration data for importance (default: data.train)")
+    calibration_samples: int = Field(64, ge=1, description="examples of the calibration data used")
+    batch_size: int = Field(8, ge=1, description="calibration examples per forward pass")
 
 
 class RunConfig(Section):
@@ -152,6 +191,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimisation")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="teacher-written data")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="pruning the teacher into the student")
 
     @model_validator(mode="after")
     def _check(self):
@@ -274,7 +314,8 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
         return value
 
     for section, key in (("data", "train"), ("data", "eval"), ("generate", "prompts"),
-                         ("generate", "eval_prompts"), ("teacher", "path"), ("student", "path")):
+                         ("generate", "eval_prompts"), ("teacher", "path"), ("student", "path"),
+                         ("prune", "calibration")):
         part = getattr(cfg, section)
         setattr(part, key, fix(getattr(part, key)))
     return cfg

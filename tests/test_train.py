@@ -107,11 +107,21 @@ def test_config_student_and_eval_recipe(tiny_config, tiny_teacher):
 
     cfg = load_config(tiny_config, ["student.init=config", f"student.path={tiny_teacher}",
                                     "student.config_overrides={num_hidden_layers: 1, hidden_size: 16}",
-                                    "train.max_steps=4", "train.save_every=0"])
+                                    "train.max_steps=4", "train.save_every=0", "eval.harness_tasks=[kdkit_mc]",
+                                    "eval.harness_limit=2", "eval.speed_prompt_tokens=16", "eval.speed_new_tokens=4"])
     out = distill.run(cfg)
     assert out["metrics"]["student_after"]["params"] < out["metrics"]["teacher"]["params"]
     ev = evaluate.run(cfg)
     assert set(ev["metrics"]) == {"teacher", "student_before", "student_after"}
+    run_dir = Path(cfg.run.dir)
+    for name, m in ev["metrics"].items():  # lm-eval scores and speed/memory/disk of every model
+        assert 0.0 <= m["harness"]["kdkit_mc"]["acc"] <= 1.0, name
+        assert m["decode_tokens_per_s"] > 0 and m["prefill_tokens_per_s"] > 0 and m["peak_memory_bytes"] > 0, name
+    assert ev["metrics"]["student_after"]["disk_bytes"] == (run_dir / "student" / "model.safetensors").stat().st_size
+    assert (run_dir / "eval_models" / "student_before" / "config.json").is_file()
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["student_after"]["harness"] == ev["metrics"]["student_after"]["harness"]
+    assert "| kdkit_mc acc (lm-eval) |" in (run_dir / "report.md").read_text()
     assert ev["metrics"]["student_after"]["kl_to_teacher"] == pytest.approx(
         out["metrics"]["student_after"]["kl_to_teacher"], rel=1e-4)
     assert ev["metrics"]["student_before"]["kl_to_teacher"] == pytest.approx(

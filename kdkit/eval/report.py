@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kdkit.eval.retention import ROWS, markdown_table  # noqa: E402
+from kdkit.eval.retention import ROWS, harness_keys, markdown_table  # noqa: E402
 
 TERMS = ("loss", "kd", "ce")  # per-term training losses in metrics.jsonl
 
@@ -36,6 +36,10 @@ def retention(metrics: dict[str, dict]) -> dict[str, dict[str, float]]:
                 continue
             out[name][key] = m[key] / teacher[key] if higher else teacher[key] / m[key]
         out[name]["top1_agreement"] = m["top1_agreement"]  # agreement with the teacher is a retention already
+        for task, metric in harness_keys(metrics):  # benchmark scores: higher is better (acc, exact_match)
+            t, s = (x.get("harness", {}).get(task, {}).get(metric) for x in (teacher, m))
+            if t and s is not None:  # a teacher score of 0 has no retention
+                out[name][f"{task}/{metric}"] = s / t
     return out
 
 
@@ -93,12 +97,20 @@ def plot_evaluation(metrics: dict[str, dict], out_dir: Path) -> dict[str, Path]:
     ax.legend()
     paths = {"retention": _save(fig, out_dir / "retention.png")}
     names = list(metrics)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.5))
-    a.bar(names, [metrics[n]["params"] / 1e6 for n in names], color="tab:blue")
-    a.set(ylabel="million parameters", title="Size")
-    b.bar(names, [metrics[n]["tokens_per_s"] for n in names], color="tab:green")
-    b.set(ylabel="tokens/s (forward)", title="Speed")
-    for axis in (a, b):
+    measured = all("decode_tokens_per_s" in metrics[n] for n in names)  # eval.speed ran
+    fig, axes = plt.subplots(1, 4 if measured else 2, figsize=(13 if measured else 8, 3.5))
+    axes[0].bar(names, [metrics[n]["params"] / 1e6 for n in names], color="tab:blue")
+    axes[0].set(ylabel="million parameters", title="Size")
+    axes[1].bar(names, [metrics[n]["tokens_per_s"] for n in names], color="tab:green")
+    axes[1].set(ylabel="tokens/s (forward)", title="Speed")
+    if measured:
+        axes[2].bar(names, [metrics[n]["decode_tokens_per_s"] for n in names], color="tab:olive")
+        axes[2].set(ylabel="tokens/s (greedy decode, batch 1)", title="Decode speed")
+        axes[3].bar(names, [metrics[n]["peak_memory_bytes"] / 1e6 for n in names], color="tab:purple", label="peak memory")
+        axes[3].bar(names, [metrics[n]["disk_bytes"] / 1e6 for n in names], color="tab:orange", width=0.4, label="on disk")
+        axes[3].set(ylabel="MB", title="Memory and disk")
+        axes[3].legend()
+    for axis in axes:
         axis.tick_params(axis="x", rotation=20)
     paths["speed_size"] = _save(fig, out_dir / "speed_size.png")
     return paths

@@ -68,7 +68,29 @@ ROWS = [  # (metric key, label, format, retention: higher is better?)
     ("kl_to_teacher", "KL(teacher ‖ model)", "{:.3f}", None),
     ("top1_agreement", "top-1 agreement with teacher", "{:.1%}", None),
     ("tokens_per_s", "forward tokens/s", "{:,.0f}", True),
+    # kdkit.eval.speed (eval.speed): batch 1, prefill of a prompt, then greedy decode on the KV cache
+    ("prefill_tokens_per_s", "prefill tokens/s", "{:,.0f}", True),
+    ("decode_tokens_per_s", "decode tokens/s", "{:,.1f}", True),
+    ("ms_per_token", "decode latency per token (ms)", "{:.2f}", None),
+    ("peak_memory_bytes", "peak memory (MB)", "{:,.1f}", None),
+    ("disk_bytes", "size on disk (MB)", "{:,.1f}", None),
 ]
+MEGABYTES = {"peak_memory_bytes", "disk_bytes"}  # shown in MB (10^6 bytes)
+
+
+def harness_keys(metrics: dict[str, dict]) -> list[tuple[str, str]]:
+    """(task, metric) pairs of the lm-evaluation-harness results held by any model, in first-seen order."""
+    keys = {}
+    for m in metrics.values():
+        for task, scores in m.get("harness", {}).items():
+            keys.update({(task, metric): None for metric in scores})
+    return list(keys)
+
+
+def _cell(value, fmt: str, key: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return fmt.format(value / 1e6 if key in MEGABYTES else value)
 
 
 def markdown_table(metrics: dict[str, dict]) -> str:
@@ -76,7 +98,11 @@ def markdown_table(metrics: dict[str, dict]) -> str:
     names = list(metrics)
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for key, label, fmt, _ in ROWS:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(metrics[n][key]) for n in names) + " |")
+        if any(key in metrics[n] for n in names):  # speed rows only when measured
+            lines.append(f"| {label} | " + " | ".join(_cell(metrics[n].get(key), fmt, key) for n in names) + " |")
+    for task, metric in harness_keys(metrics):
+        cells = (_cell(metrics[n].get("harness", {}).get(task, {}).get(metric), "{:.3f}", metric) for n in names)
+        lines.append(f"| {task} {metric} (lm-eval) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,12 +1,24 @@
-"""`kdkit eval CONFIG`: teacher vs student-before vs student-after on held-out data."""
+"""`kdkit eval CONFIG`: teacher vs student-before vs student-after on held-out data.
+
+Next-token metrics against the teacher (one teacher pass), then for every model: lm-evaluation-harness
+tasks (eval.harness_tasks) and speed/memory/disk (eval.speed), both of which read the model from an
+HF directory: the teacher is converted once into RUN_DIR/eval_models/teacher, the student before
+distillation is saved to RUN_DIR/eval_models/student_before, the student after is the run's student.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import torch
 
 from kdkit.config import Config
 from kdkit.errors import UserError
+from kdkit.eval.harness import run_harness
+from kdkit.eval.report import retention_table
 from kdkit.eval.retention import evaluate_models, markdown_table, write_report
+from kdkit.eval.speed import disk_bytes, measure_dirs, measure_speed
 from kdkit.models.load import head_rows, load_model, load_tokenizer, resolve, shared_vocab_size
 from kdkit.train.loop import pick_device
 from kdkit.train.setup import build_student, load_teacher, tokenize_file
@@ -20,7 +32,7 @@ def run(cfg: Config, *, teacher=None) -> dict:
     teacher = teacher or load_teacher(cfg)
     src = resolve(str(student_dir))
     after, tok = load_model(src), load_tokenizer(src)
-    before = build_student(cfg, teacher)[0] if cfg.eval.student_before else None
+    before, before_tok = build_student(cfg, teacher)[:2] if cfg.eval.student_before else (None, None)
     vocab = shared_vocab_size(teacher.tokenizer, tok, head_rows(teacher.model), head_rows(after))
     held_out = tokenize_file(cfg.data.eval, tok, cfg, key="data.eval")
     if cfg.eval.limit:
@@ -29,5 +41,47 @@ def run(cfg: Config, *, teacher=None) -> dict:
     models = {**({"student_before": before.to(device)} if before is not None else {}), "student_after": after.to(device)}
     metrics = evaluate_models(models, teacher.model.to(device), held_out, vocab=vocab,
                               pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size, device=device)
+    ec = cfg.eval
+    if ec.harness_tasks or ec.speed:
+        dirs = {"teacher": _teacher_dir(teacher, run_dir / "eval_models" / "teacher")}
+        if before is not None:
+            dirs["student_before"] = _save(before, before_tok, run_dir / "eval_models" / "student_before")
+        dirs["student_after"] = student_dir
+        for name, d in dirs.items():
+            if ec.harness_tasks:
+                metrics[name]["harness"] = run_harness(d, ec.harness_tasks, limit=ec.harness_limit,
+                                                       batch_size=ec.batch_size, device=str(device))
+        if ec.speed:
+            for name, result in zip(dirs, _speed({"teacher": teacher.model, **models}, dirs, device, ec)):
+                metrics[name].update(result)
     json_path, md_path = write_report(metrics, run_dir)
-    return {"metrics": metrics, "table": markdown_table(metrics), "metrics_path": json_path, "report_path": md_path}
+    table = markdown_table(metrics) + "\n\n" + retention_table(metrics)
+    return {"metrics": metrics, "table": table, "metrics_path": json_path, "report_path": md_path}
+
+
+def _speed(models: dict, dirs: dict, device: torch.device, ec) -> list[dict]:
+    """Speed, peak memory and disk size of each model, in the order of `dirs`."""
+    if device.type == "cuda":  # in process: torch.cuda.max_memory_allocated is each model's own peak
+        return [{**measure_speed(models[name], prompt_tokens=ec.speed_prompt_tokens, new_tokens=ec.speed_new_tokens,
+                                 device=device), "disk_bytes": disk_bytes(d)} for name, d in dirs.items()]
+    # CPU: a fresh process, so that its peak resident memory is the models' alone
+    return measure_dirs(list(dirs.values()), prompt_tokens=ec.speed_prompt_tokens, new_tokens=ec.speed_new_tokens,
+                        threads=torch.get_num_threads())
+
+
+def _save(model, tokenizer, out_dir: Path) -> Path:
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _teacher_dir(teacher, out_dir: Path) -> Path:
+    """The teacher as an HF directory, written once per teacher (it may be a GGUF file or an alias)."""
+    if teacher.source.gguf_file is None:
+        return teacher.source.directory  # already an HF directory
+    stamp = out_dir / "kdkit-source.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("source") == teacher.source.id:
+        return out_dir
+    _save(teacher.model, teacher.tokenizer, out_dir)
+    stamp.write_text(json.dumps({"source": teacher.source.id}))
+    return out_dir

@@ -244,7 +244,8 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
             if bad_in_a_row >= tc.max_bad_steps:
                 raise FloatingPointError(f"{bad_in_a_row} non-finite steps in a row (train.max_bad_steps); "
                                          "lower train.lr or check the data")
-            m.update(step=step + 1, skipped=not stepped, tokens_per_s=m["tokens"] / (time.perf_counter() - t0))
+            m.update(step=step + 1, skipped=not stepped, tokens_per_s=m["tokens"] / (time.perf_counter() - t0),
+                     ids=ids)  # the examples of this step: a resumed run's stream can be audited
             history.append(m)
             bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", top1=f"{m['top1']:.2f}",
                             tok_s=f"{m['tokens_per_s']:.0f}")

@@ -24,7 +24,9 @@ class MetricsWriter:
                         kept.append(line)
                 except (ValueError, KeyError):
                     break  # a torn last line from a kill
-        self.path.write_text("".join(line + "\n" for line in kept))
+        tmp = self.path.with_suffix(".tmp")  # replaced atomically: a kill here loses no logged step
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
         self.file = open(self.path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
