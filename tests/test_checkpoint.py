@@ -51,3 +51,32 @@ def test_schedule_warms_up_then_decays_to_floor():
     f = [lr_factor(s, warmup=2, total=10, floor=0.1) for s in range(12)]
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
     assert all(a >= b for a, b in zip(f[2:], f[3:])) and abs(f[10] - 0.1) < 1e-12
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_with_code_is_refused_and_unsafe_names_flagged(tmp_path):
+    import hashlib
+    import json
+
+    import pytest
+
+    from kdkit.errors import UserError
+    from kdkit.train.checkpoint import verify
+
+    model, opt, sched = _setup(0)
+    ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched)
+    torch.save({"optimizer": _Evil(), "scheduler": {}}, ckpt / "optim.pt")  # checksums updated below
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["sha256"]["optim.pt"] = hashlib.sha256((ckpt / "optim.pt").read_bytes()).hexdigest()
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="refusing to load .*optim.pt"):
+        load_latest(tmp_path, model=model, optimizer=opt, scheduler=sched)
+    meta["sha256"]["../../outside"] = "0" * 64
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert "unsafe file name" in verify(ckpt)

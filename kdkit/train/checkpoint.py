@@ -13,11 +13,14 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from kdkit.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ def verify(path: Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"meta.json unreadable ({e})"
     for name, digest in meta.get("sha256", {}).items():
+        if Path(name).name != name or name in ("", ".", ".."):  # a manifest must not point outside
+            return f"unsafe file name {name!r} in meta.json"
         if not (path / name).is_file():
             return f"{name} missing"
         if _sha256(path / name) != digest:
@@ -113,7 +118,11 @@ def load_latest(root: Path, *, model, optimizer, scheduler) -> tuple[int, dict] 
         tied = {n for n in missing if n.endswith("lm_head.weight")}  # restored through the tie
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"checkpoint {path} does not fit the model: {missing} {unexpected}")
-        opt = torch.load(path / "optim.pt", weights_only=True)
+        try:  # tensors and plain containers only: a pickle that would run code is refused
+            opt = torch.load(path / "optim.pt", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"refusing to load {path / 'optim.pt'}: it is not a tensors-only file ({e}). "
+                            "Delete the checkpoint or restore it from a trusted copy.") from None
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
         torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
