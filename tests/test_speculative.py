@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from kdkit.eval.speculative import prompt_ids, speculative_decoding
 from kdkit.models.load import student_from_layers

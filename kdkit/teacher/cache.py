@@ -36,6 +36,7 @@ from kdkit.errors import UserError
 from kdkit.models.forward import decoder_hidden, project, supervised_positions
 from kdkit.signal import Provenance, SparseSignal
 from kdkit.teacher import encoding
+from kdkit.utils import atomic_json, fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "kdkit-topk-cache", 1
@@ -44,13 +45,6 @@ _HANDLES = 64  # open shard files kept by a CacheReader
 
 # ---------------------------------------------------------------- hashes and files
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dataset_hash(data: TokenizedData) -> str:
@@ -71,22 +65,6 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _shard_name(i: int) -> str:
@@ -147,9 +125,9 @@ def _write_shard(model, data: TokenizedData, out_dir: Path, i: int, header: dict
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)  # the commit point: a kill before it leaves only a .tmp, which is redone
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return {"file": final.name, "first": first, "count": last - first, "tokens": sum(counts),
-            "bytes": final.stat().st_size, "sha256": _sha256_file(final)}
+            "bytes": final.stat().st_size, "sha256": sha256_file(final)}
 
 
 # ---------------------------------------------------------------- building, verifying, repairing
@@ -180,7 +158,7 @@ def _good_entries(out_dir: Path, manifest: dict) -> dict[int, dict]:
     good = {}
     for entry in manifest.get("shards", []):
         path = out_dir / entry["file"]
-        if path.is_file() and _sha256_file(path) == entry["sha256"]:
+        if path.is_file() and sha256_file(path) == entry["sha256"]:
             good[entry["first"] // manifest["shard_size"]] = entry
     return good
 
@@ -198,11 +176,11 @@ def _fill(model, data: TokenizedData, out_dir: Path, header: dict, good: dict[in
         good[i] = _write_shard(model, data, out_dir, i, header, batch_size=batch_size)
         written.append(good[i]["file"])
         shards = [good[j] for j in sorted(good)]
-        _atomic_json(out_dir / MANIFEST, {**header, "shards": shards, "complete": len(good) == header["num_shards"]})
+        atomic_json(out_dir / MANIFEST, {**header, "shards": shards, "complete": len(good) == header["num_shards"]})
         bar.update(good[i]["count"])
     bar.close()
     if not todo:  # nothing to write, but the manifest may predate the last shard's entry
-        _atomic_json(out_dir / MANIFEST, {**header, "shards": [good[j] for j in sorted(good)], "complete": True})
+        atomic_json(out_dir / MANIFEST, {**header, "shards": [good[j] for j in sorted(good)], "complete": True})
     return written
 
 
@@ -257,7 +235,7 @@ def verify_cache(cache_dir: str | Path) -> list[CacheProblem]:
             problems.append(CacheProblem(name, "not written yet (the build was interrupted; rerun it to resume)"))
         elif not (cache_dir / name).is_file():
             problems.append(CacheProblem(name, "missing"))
-        elif _sha256_file(cache_dir / name) != listed[i]["sha256"]:
+        elif sha256_file(cache_dir / name) != listed[i]["sha256"]:
             problems.append(CacheProblem(name, "checksum mismatch: the file is damaged"))
     return problems
 

@@ -9,7 +9,6 @@ a damaged checkpoint is reported and the previous good one is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,26 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdkit.errors import UserError
+from kdkit.utils import fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -69,16 +55,16 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, extra
     for name in files:
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
-    meta = {"step": step, "extra": extra or {}, "sha256": {n: _sha256(tmp / n) for n in files}}
+    meta = {"step": step, "extra": extra or {}, "sha256": {n: sha256_file(tmp / n) for n in files}}
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a rerun of the same step replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)  # the atomic commit point
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -101,7 +87,7 @@ def verify(path: Path) -> str | None:
             return f"unsafe file name {name!r} in meta.json"
         if not (path / name).is_file():
             return f"{name} missing"
-        if _sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             return f"{name} checksum mismatch"
     return None
 
