@@ -127,10 +127,11 @@ def test_flipped_byte_is_named_by_verify_and_repair_redoes_only_that_shard(teach
     assert [p.file for p in problems] == ["shard-00002.safetensors"] and "checksum" in str(problems[0])
     with pytest.raises(UserError, match="shard-00002"):
         CacheReader(tmp_path / "c", verify=True)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("shard-*")}
+    mtimes = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "c").glob("shard-*")}
     assert repair_cache(model, data, tmp_path / "c", progress=False) == ["shard-00002.safetensors"]
     assert verify_cache(tmp_path / "c") == [] and read_manifest(tmp_path / "c") == before
-    changed = {p.name for p in (tmp_path / "c").glob("shard-*") if p.stat().st_mtime_ns != mtimes[p.name]}
+    # a rewrite is a new file (temp name + os.replace): a new inode even within one clock tick
+    changed = {p.name for p in (tmp_path / "c").glob("shard-*") if (p.stat().st_ino, p.stat().st_mtime_ns) != mtimes[p.name]}
     assert changed == {"shard-00002.safetensors"}
     (tmp_path / "c" / "shard-00001.safetensors").unlink()
     assert [str(p) for p in verify_cache(tmp_path / "c")] == ["shard-00001.safetensors: missing"]
@@ -229,3 +230,21 @@ def test_axolotl_export_import_round_trip(teacher, tmp_path):
         want = reader.signal([ex_id])
         assert torch.equal(sig.ids, want.ids) and sig.tail is None
         torch.testing.assert_close(sig.logprobs, want.logprobs)
+
+
+def test_a_manifest_path_escaping_the_cache_is_never_followed(teacher, tmp_path):
+    """A tampered manifest entry pointing outside the cache is distrusted and that shard rebuilt."""
+    import json
+
+    from kdkit.teacher.cache import MANIFEST
+
+    _, tok, _ = teacher
+    data = make_data(tok)
+    before = build(teacher, tmp_path / "c", data)
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((tmp_path / "c" / "shard-00001.safetensors").read_bytes())
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    manifest["shards"][1]["file"] = "../outside.safetensors"
+    (tmp_path / "c" / MANIFEST).write_text(json.dumps(manifest))
+    assert build(teacher, tmp_path / "c", data) == before  # rebuilt under its own name
+    assert outside.read_bytes()  # untouched, and not used

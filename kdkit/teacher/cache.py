@@ -157,9 +157,12 @@ def _good_entries(out_dir: Path, manifest: dict) -> dict[int, dict]:
     """Manifest entries whose shard file exists and matches its checksum, by shard index."""
     good = {}
     for entry in manifest.get("shards", []):
+        i = entry["first"] // manifest["shard_size"]
+        if entry.get("file") != _shard_name(i):  # never follow a path from the manifest (../ escapes)
+            continue
         path = out_dir / entry["file"]
         if path.is_file() and sha256_file(path) == entry["sha256"]:
-            good[entry["first"] // manifest["shard_size"]] = entry
+            good[i] = entry
     return good
 
 
