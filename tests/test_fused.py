@@ -24,14 +24,6 @@ CASES = [
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_problem(*, n=N, seed=0, bias=True):
     """Student hidden (N, H), head (V, H) (+ bias), teacher hidden (N, HT), head (V, HT), labels (N,)."""
     g = torch.Generator().manual_seed(seed)

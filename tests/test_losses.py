@@ -31,15 +31,6 @@ CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in C
 FINITE_WITH_TEACHER_ZEROS = set(DIVERGENCES) - {"reverse_kl"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads cost more than they save, and on a busy machine far more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_logits(n=7, v=33, *, scale=3.0, seed=0, teacher_zeros=True, dtype=torch.float32):
     """Random student/teacher logits (N, V) with a padded vocab (-inf in both) and optional teacher-only -inf."""
     g = torch.Generator().manual_seed(seed)

@@ -25,14 +25,6 @@ CASES = [
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_logits(n=6, v=29, *, scale=3.0, seed=0, teacher_zeros=False):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(n, v, generator=g) * scale

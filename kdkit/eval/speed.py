@@ -96,10 +96,9 @@ def _reset_peak_rss() -> int:
 def measure_dirs(model_dirs: list, *, prompt_tokens: int = 128, new_tokens: int = 32, threads: int = 1,
                  timeout: float = 1800) -> list[dict[str, float]]:
     """Speed, peak memory (CPU: peak RSS growth) and disk size of the model in each directory, measured
-    in a fresh process so that nothing this process holds counts towards a model's memory. On Linux one
-    process measures them all, one after another (the peak is reset between models); elsewhere each
-    directory gets its own process."""
-    groups = [list(model_dirs)] if Path("/proc/self/clear_refs").exists() else [[d] for d in model_dirs]
+    in a fresh process per directory: memory freed by a previous model stays resident in its process, so
+    a later, smaller model measured there would show no growth at all."""
+    groups = [[d] for d in model_dirs]
     results = []
     for group in groups:
         cmd = [sys.executable, "-m", "kdkit.eval.speed", *map(str, group), "--prompt-tokens", str(prompt_tokens),

@@ -9,6 +9,7 @@ distillation is saved to RUN_DIR/eval_models/student_before, the student after i
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ def run(cfg: Config, *, teacher=None) -> dict:
     vocab = shared_vocab_size(teacher.tokenizer, tok, head_rows(teacher.model), head_rows(after))
     held_out = tokenize_file(cfg.data.eval, tok, cfg, key="data.eval")
     if cfg.eval.limit:
-        held_out.input_ids, held_out.labels = held_out.input_ids[: cfg.eval.limit], held_out.labels[: cfg.eval.limit]
+        n = cfg.eval.limit  # ids, tokens and labels stay aligned
+        held_out = replace(held_out, ids=held_out.ids[:n], input_ids=held_out.input_ids[:n], labels=held_out.labels[:n])
     device = pick_device(cfg.train.device)
     models = {**({"student_before": before.to(device)} if before is not None else {}), "student_after": after.to(device)}
     metrics = evaluate_models(models, teacher.model.to(device), held_out, vocab=vocab,

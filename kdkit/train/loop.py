@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -63,21 +63,24 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
 
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """One permutation per epoch, computed once rather than at every step."""
+    return tuple(batch_order(n, seed=seed, epoch=epoch))
+
+
 def micro_batches(data: TokenizedData, step: int, *, batch_size: int, grad_accum: int, seed: int, pad_id: int):
     """The micro-batches of optimizer step `step`: a pure function of (step, seed), so resuming
     at any step sees exactly the examples an uninterrupted run would, across epoch boundaries."""
     n = len(data.input_ids)
     per_step = batch_size * grad_accum
-    orders: dict[int, list[int]] = {}
     batches = []
     for m in range(grad_accum):
         idx = []
         for j in range(batch_size):
             k = step * per_step + m * batch_size + j  # position in the endless example stream
             epoch = k // n
-            if epoch not in orders:
-                orders[epoch] = batch_order(n, seed=seed, epoch=epoch)
-            idx.append(orders[epoch][k % n])
+            idx.append(_epoch_order(n, seed, epoch)[k % n])
         batch = collate([data.input_ids[i] for i in idx], [data.labels[i] for i in idx], pad_id=pad_id)
         batch["ids"] = [data.ids[i] for i in idx]
         batches.append(batch)
