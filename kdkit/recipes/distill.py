@@ -14,7 +14,7 @@ from kdkit.models.load import count_parameters, head_rows, shared_vocab_size
 from kdkit.signal import Provenance
 from kdkit.teacher.cache import CacheReader, cache_signal_fn, dataset_hash
 from kdkit.teacher.online import online_signal_fn
-from kdkit.train.loop import distill, pick_device
+from kdkit.train.loop import Plugins, distill, pick_device
 from kdkit.train.setup import build_student, cache_dir, load_teacher, model_card, save_student, tokenize_file
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,11 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
     held_out = tokenize_file(cfg.data.eval, tok, cfg, key="data.eval") if cfg.data.eval else None
     signal_fn, vocab = signal_source(cfg, teacher, tok, student, train)
     before = copy.deepcopy(student).eval() if held_out and cfg.eval.student_before else None
+    plugins = Plugins()  # training modes and auxiliary objectives add themselves here
 
     # ---- loop
     result = distill(student, signal_fn, train, cfg, run_dir=run_dir, vocab=vocab, pad_id=tok.pad_token_id,
-                     resume=resume)
+                     resume=resume, plugins=plugins)
 
     # ---- evaluate and save
     device = pick_device(cfg.train.device)

@@ -12,7 +12,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable
@@ -31,6 +31,40 @@ from kdkit.train.metrics import MetricsWriter
 from kdkit.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plugins:
+    """What a training mode adds to the one loop (no new trainer). Every field is optional.
+
+    - `prepare(batch, step) -> batch`: rewrites each micro-batch before the teacher and student see
+      it (on-policy student samples, replay data).
+    - `terms[name](batch, signal, num_tokens) -> scalar`: auxiliary losses computed after the student's
+      forward of that micro-batch (hidden-state / attention distillation via hooks, KL to the original
+      model); each already normalised by `num_tokens`, the supervised-token count of the whole step.
+    - `combine(kd_total, {name: value}) -> (total, {name: weight})`: how the KD objective and the terms
+      are weighted; default: plain sum (weights 1).
+    - `trainable`: modules trained with the student (projectors, learned loss weights): optimised and
+      checkpointed with it, never part of the saved student.
+    - `after_step(step)`: called after every optimizer update (EMA teachers).
+    """
+
+    prepare: Callable | None = None
+    terms: dict[str, Callable] = field(default_factory=dict)
+    combine: Callable | None = None
+    trainable: torch.nn.Module | None = None
+    after_step: list[Callable] = field(default_factory=list)
+
+
+def plain_sum(kd_total, values: dict):
+    return kd_total + sum(values.values()), {name: 1.0 for name in values}
+
+
+def trained_module(student, plugins: Plugins | None) -> torch.nn.Module:
+    """What the optimizer and checkpoints hold: the student, plus the plugins' trainable modules."""
+    if plugins is None or plugins.trainable is None:
+        return student
+    return torch.nn.ModuleDict({"student": student, "extras": plugins.trainable})
 
 
 @dataclass
@@ -87,12 +121,16 @@ def micro_batches(data: TokenizedData, step: int, *, batch_size: int, grad_accum
     return batches
 
 
-def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int, device, precision: str):
+def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int, device, precision: str,
+               plugins: Plugins | None = None, step: int = 0):
     """One optimizer step's forward/backward over its micro-batches; returns summed metrics.
 
     Every micro-batch loss is normalised by the supervised-token count of the WHOLE step, so the
     accumulated gradient equals the gradient of the full-batch mean (4×2 = 1×8).
     """
+    plugins = plugins or Plugins()
+    if plugins.prepare is not None:  # before counting: a prepared batch may carry other labels
+        batches = [plugins.prepare(b, step) for b in batches]
     num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     out = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0}
     lc = cfg.loss
@@ -109,13 +147,20 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
                                      temperature=lc.temperature, alpha=lc.alpha, num_tokens=num_tokens,
                                      **_div_kwargs(lc))
                 kl, agree = None, None
-        parts.total.backward()
+            total = parts.total
+            if plugins.terms:
+                values = {name: term(batch, signal, num_tokens) for name, term in plugins.terms.items()}
+                total, weights = (plugins.combine or plain_sum)(parts.total, values)
+                for name, value in values.items():
+                    out[f"term/{name}"] = out.get(f"term/{name}", 0.0) + float(value.detach())
+                    out[f"weight/{name}"] = float(weights[name])
+        total.backward()
         if kl is None:
             with torch.no_grad():
                 kl, agree = agreement(s_logits.detach(), signal, parts, lc, num_tokens)
         out["kl"] += kl
         out["top1"] += agree
-        out["loss"] += float(parts.total.detach())
+        out["loss"] += float(total.detach())
         out["kd"] += float(parts.kd)
         out["ce"] += float(parts.ce)
         out["tokens"] += int(batch["attention_mask"].sum())
@@ -194,11 +239,11 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def optimizer_step(student, opt, sched, m: dict, tc, *, step: int, ids: list[str]) -> bool:
+def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str]) -> bool:
     """Clip and step; a non-finite loss or gradient skips the update (parameters, optimizer and
     schedule untouched) or stops the run, as `train.nonfinite` says. Returns whether it stepped."""
     max_norm = tc.max_grad_norm if tc.max_grad_norm else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     m["grad_norm"], m["lr"] = float(grad_norm), sched.get_last_lr()[0]
     finite = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     if finite:
@@ -214,18 +259,20 @@ def optimizer_step(student, opt, sched, m: dict, tc, *, step: int, ids: list[str
 
 
 def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, run_dir: Path, vocab: int,
-            pad_id: int, resume: bool = False) -> TrainResult:
+            pad_id: int, resume: bool = False, plugins: Plugins | None = None) -> TrainResult:
     """Train `student` against `signal_fn` for cfg.train.max_steps optimizer steps."""
     tc = cfg.train
+    plugins = plugins or Plugins()
     device = pick_device(tc.device)
-    student.to(device).train()
-    opt, sched = build_optimizer(student, tc)
+    model = trained_module(student, plugins)  # student (+ projectors, learned weights)
+    model.to(device).train()
+    opt, sched = build_optimizer(model, tc)
     ckpt_dir = run_dir / "checkpoints"
-    save = partial(save_checkpoint, ckpt_dir, model=student, optimizer=opt, scheduler=sched,
+    save = partial(save_checkpoint, ckpt_dir, model=model, optimizer=opt, scheduler=sched,
                    keep=tc.keep_checkpoints)
     start = 0
     if resume:
-        restored = load_latest(ckpt_dir, model=student, optimizer=opt, scheduler=sched)
+        restored = load_latest(ckpt_dir, model=model, optimizer=opt, scheduler=sched)
         if restored is None:
             log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
         else:
@@ -240,9 +287,12 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
             t0 = time.perf_counter()
             batches = micro_batches(data, step, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
                                     seed=tc.seed, pad_id=pad_id)
-            m = train_step(student, batches, signal_fn, cfg, vocab=vocab, device=device, precision=tc.precision)
+            m = train_step(student, batches, signal_fn, cfg, vocab=vocab, device=device, precision=tc.precision,
+                           plugins=plugins, step=step)
             ids = [i for b in batches for i in b["ids"]]
-            stepped = optimizer_step(student, opt, sched, m, tc, step=step + 1, ids=ids)
+            stepped = optimizer_step(model, opt, sched, m, tc, step=step + 1, ids=ids)
+            for hook in plugins.after_step:
+                hook(step + 1)
             bad_in_a_row = 0 if stepped else bad_in_a_row + 1
             if bad_in_a_row >= tc.max_bad_steps:
                 raise FloatingPointError(f"{bad_in_a_row} non-finite steps in a row (train.max_bad_steps); "
@@ -263,5 +313,5 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
                 save(step + 1)
     save(tc.max_steps)
     writer.close()
-    student.eval()
+    model.eval()
     return TrainResult(steps=tc.max_steps, resumed_from=start, history=history)
