@@ -88,16 +88,29 @@ def distill(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
     out = run_pipeline(_load(config, overrides), ("distill",), resume=resume)
     if out.get("table"):
         typer.echo("\n" + out["table"])
-    typer.echo(f"student: {out['student_dir']}")
+    if "student_dir" in out:  # rank 0 of a distributed run, or the only process
+        typer.echo(f"student: {out['student_dir']}")
 
 
 @app.command()
 def generate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
-    """The teacher answers a file of prompts (jsonl in the OpenAI `messages` format)."""
+    """The teacher writes data: answers to a file of prompts, or generate.tasks (elicitation strategies)."""
     from kdkit.recipes import generate as recipe
 
     for split, path in recipe.run(_load(config, overrides)).items():
         typer.echo(f"{split}: {path}")
+
+
+@app.command()
+def sft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+        resume: bool = typer.Option(False, "--resume", help="continue from the newest whole checkpoint")):
+    """Sequence-level KD: train the student on teacher-written data (cross-entropy on the teacher's tokens)."""
+    from kdkit.recipes import sft as recipe
+
+    out = recipe.run(_load(config, overrides), resume=resume)
+    if out["history"]:
+        typer.echo(f"loss {out['history'][0]['loss']:.3f} → {out['history'][-1]['loss']:.3f}")
+    typer.echo(f"student: {out['student_dir']}")
 
 
 @app.command()
@@ -130,13 +143,56 @@ def evaluate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
 @app.command()
 def pipeline(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
              resume: bool = typer.Option(False, "--resume", help="continue from the newest whole checkpoint")):
-    """generate (when generate.prompts is set) → prune (when prune.method is set) → cache (when
+    """generate (when generate.prompts or generate.tasks is set) → prune (when prune.method is set) → cache (when
     teacher.signal is cache) → distill → eval."""
     cfg = _load(config, overrides)
-    stages = STAGES if cfg.generate.prompts else STAGES[1:]
+    stages = STAGES if (cfg.generate.prompts or cfg.generate.tasks) else STAGES[1:]
     out = run_pipeline(cfg, stages, resume=resume)
     if out.get("table"):
         typer.echo("\n" + out["table"])
+
+
+@app.command()
+def feedback(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
+    """The student answers prompts several times, the teacher scores them: preference pairs (jsonl)."""
+    from kdkit.recipes import feedback as recipe
+
+    out = recipe.run(_load(config, overrides))
+    typer.echo(f"pairs: {out['pairs']} ({out['num_pairs']} pairs; scored samples: {out['scored']})")
+
+
+@app.command()
+def dpo(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+        resume: bool = typer.Option(False, "--resume", help="continue from the newest whole checkpoint")):
+    """DPO of the student on the teacher's preference pairs, against a frozen reference."""
+    from kdkit.recipes import dpo as recipe
+
+    out = recipe.run(_load(config, overrides), resume=resume)
+    b, a = out["pairs_before"], out["pairs_after"]
+    typer.echo(f"chosen-vs-rejected margin: {b['margin']:.3f} → {a['margin']:.3f} "
+               f"(pair accuracy {b['accuracy']:.2f} → {a['accuracy']:.2f})")
+    if out.get("table"):
+        typer.echo("\n" + out["table"])
+    typer.echo(f"student: {out['student_dir']}")
+
+
+@app.command()
+def rl(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+       resume: bool = typer.Option(False, "--resume", help="continue from the newest whole checkpoints")):
+    """Reward model on the teacher's preferences (or the teacher's log-likelihood), then policy optimisation
+    of the student with a KL penalty to the reference."""
+    from kdkit.recipes import rl as recipe
+
+    out = recipe.run(_load(config, overrides), resume=resume)
+    for key in ("reward model train accuracy", "reward model held-out accuracy"):
+        if key in out:
+            typer.echo(f"{key}: {out[key]:.2f}")
+    if out["history"]:
+        last = out["history"][-1]
+        typer.echo(f"last step: reward {last['reward']:.3f}, KL to reference {last['kl']:.4f}")
+    if out.get("table"):
+        typer.echo("\n" + out["table"])
+    typer.echo(f"student: {out['student_dir']}")
 
 
 @config_app.command("print")
@@ -173,6 +229,17 @@ def prune_verb(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES
     typer.echo(f"{out['method']}: {out['params_before']:,} → {out['params_after']:,} parameters "
                f"(target {out['target_params'] or '-'}), layers {out['layers_kept']}, {out['dims']}")
     typer.echo(f"pruned: {out['pruned_dir']}")
+
+
+@app.command("plan")
+def plan_verb(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+              devices: int = typer.Option(1, "--devices", help="processes / GPUs the run is launched on"),
+              memory: Optional[float] = typer.Option(None, "--memory", help="GiB per device: suggest what fits")):
+    """Estimate peak memory per device of `kdkit distill CONFIG` (weights, gradients, AdamW,
+    activations, logits, teacher) and, given --memory, a batch size and loss chunk that fit."""
+    from kdkit.recipes import plan as recipe
+
+    typer.echo(recipe.run(_load(config, overrides), world=devices, device_gib=memory)["table"])
 
 
 def main() -> None:

@@ -49,6 +49,21 @@ class TeacherConfig(Section):
     concurrency: int = Field(4, ge=1, description="http: requests in flight at once")
     timeout_s: float = Field(120.0, gt=0.0, description="http: seconds one request may take in all (connect + answer)")
     max_retries: int = Field(5, ge=0, description="http: retries of a request after 429/5xx, connection errors, timeouts")
+    allow_restricted_license: bool = Field(
+        False, description="train on a teacher whose licence restricts it (Llama, Gemma, OpenAI terms, *-nc, *-nd); "
+                           "needs restricted_license_reason")
+    restricted_license_reason: str | None = Field(
+        None, description="why training on this teacher's outputs is permitted (recorded in manifests and model card)")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0.0, description="adapter scale numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names given adapters (e.g. [q_proj, v_proj]) or 'all-linear'"
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA: base weights in 4-bit NF4 (needs bitsandbytes and a GPU)")
 
 
 class StudentConfig(Section):
@@ -64,6 +79,9 @@ class StudentConfig(Section):
     config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="init=config: fields replaced in the config (e.g. num_hidden_layers)"
     )
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters (peft) instead of every weight; merged into the saved student"
+    )
 
 
 class DataConfig(Section):
@@ -77,15 +95,18 @@ class DataConfig(Section):
 
 
 class LossConfig(Section):
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field(
-        "forward_kl", description="per-token divergence between teacher and student distributions"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "uld"] = Field(
+        "forward_kl", description="per-token divergence between teacher and student distributions (uld: "
+        "cross-tokenizer only)"
     )
     temperature: float = Field(1.0, gt=0.0, description="softens teacher and student alike; soft term scaled by T²")
     alpha: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs hard-label CE")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: mixture weight of the teacher, M = β·p_T + (1-β)·p_S")
     skew: float = Field(0.1, ge=0.0, le=1.0, description="skew_*: DistiLLM's α, the share of the first distribution in the mix")
     implementation: Literal["dense", "fused"] = Field(
-        "dense", description="dense: student logits (N, V) at once; fused: chunked from hidden states + lm_head (less memory)"
+        "fused", description="fused: the loss chunk by chunk from hidden states + lm_head, never the (N, V) logits "
+        "(less memory; falls back to dense, logged, where it cannot apply, e.g. softcapped heads); dense: "
+        "student logits (N, V) at once"
     )
 
 
@@ -112,6 +133,65 @@ class TrainConfig(Section):
         "skip", description="a NaN/Inf loss or gradient: skip the update (weights, optimizer, schedule untouched) or stop"
     )
     max_bad_steps: int = Field(3, ge=1, description="abort after this many non-finite steps in a row")
+    distributed: Literal["auto", "none", "ddp", "fsdp2"] = Field(
+        "auto", description="under torchrun/accelerate launch: ddp replicates the student, fsdp2 shards it "
+        "(fully_shard per layer); auto: ddp when WORLD_SIZE > 1. batch_size is then the GLOBAL micro-batch"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in backward (less memory, ~30% slower)"
+    )
+
+
+class TaskConfig(Section):
+    """One elicitation task of `generate.tasks` (the strategies are documented in kdkit/teacher/elicit.py)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="task name: the prefix of every item id")
+    strategy: Literal["labelling", "expansion", "curation", "feature", "self_knowledge", "chain_of_thought"] = Field(
+        "labelling", description="labelling: answer given inputs; expansion: write new inputs from demonstrations, "
+        "then answer; curation: write inputs from a domain and topics, then answer; feature: labelling + the "
+        "teacher's top-k log-probs per token; self_knowledge: answer, then grade or refine its own answer; "
+        "chain_of_thought: reasoning + a separated final answer, checked where a checker exists")
+    count: int | None = Field(None, ge=1, description="items: inputs used (labelling-like) or written (expansion, "
+                                                       "curation); null = every input")
+    inputs: str | None = Field(None, description="file of inputs to answer (any data format; answers are references)")
+    demonstrations: str | None = Field(None, description="file of demonstrations (input + answer rows): few-shot "
+                                                         "examples and expansion seeds")
+    num_demonstrations: int = Field(2, ge=0, description="demonstrations shown per prompt (picked by the item's seed)")
+    instruction: str = Field("", description="instruction shown to the teacher above each input")
+    domain: str = Field("", description="curation: what the data is about")
+    topics: list[str] = Field(default_factory=list, description="curation: topics, used in turn")
+    templates: dict[str, str] = Field(
+        default_factory=dict, description="template slot → built-in name or file path (slots: answer, input, "
+        "review); defaults in kdkit/assets/templates")
+    parser: Literal["text", "json", "regex", "answer"] = Field(
+        "text", description="how the teacher's answer is read: text (as is), json (parse_field of the first JSON "
+        "object), regex (parse_pattern's first group), answer (reasoning + final answer)")
+    parse_field: str = Field("answer", description="parser=json: the field read")
+    parse_pattern: str | None = Field(None, description="parser=regex: pattern with one group")
+    input_field: str = Field("input", description="expansion/curation: JSON field of a written input")
+    checker: Literal["auto", "none", "reference", "arithmetic"] = Field(
+        "auto", description="chain_of_thought: reference (the input's answer), arithmetic (safe evaluation of the "
+        "expression in the input), auto (reference, else arithmetic, else unchecked)")
+    review: Literal["grade", "refine"] = Field("grade", description="self_knowledge: grade (a 1-10 score for the "
+                                                                    "judge filter) or refine (a rewritten answer)")
+    top_logprobs: int = Field(5, ge=1, description="feature: teacher log-probs kept per token")
+    system: str | None = Field(None, description="system turn of the training rows (null: none)")
+
+
+class FilterConfig(Section):
+    """Quality filters applied to every generated item; what each removed is counted in the manifest."""
+
+    min_chars: int = Field(1, ge=0, description="drop answers shorter than this")
+    max_chars: int | None = Field(None, ge=1, description="drop answers longer than this")
+    dedupe: Literal["none", "exact", "near"] = Field(
+        "near", description="exact: drop repeated (input, answer) pairs; near: also MinHash near-duplicates")
+    near_threshold: float = Field(0.85, gt=0.0, le=1.0, description="near: estimated Jaccard similarity that "
+                                                                    "counts as a duplicate")
+    min_mean_logprob: float | None = Field(None, description="drop answers whose mean token log-prob is below "
+                                                             "this (teacher confidence)")
+    max_mean_entropy: float | None = Field(None, ge=0.0, description="drop answers whose mean token entropy "
+                                                                     "(over the top-k) is above this")
+    min_judge_score: float | None = Field(None, description="drop graded items scored below this (1-10)")
 
 
 class GenerateConfig(Section):
@@ -128,6 +208,11 @@ class GenerateConfig(Section):
     top_logprobs: int = Field(
         0, ge=0, description="http: also store the teacher's top-k log-probs per answer token (0: off)"
     )
+    tasks: list[TaskConfig] = Field(
+        default_factory=list, description="elicitation tasks (strategy, templates, count each); set, they replace "
+        "`prompts` and write jsonl shards + manifest.json to `output` (default RUN_DIR/data/train)")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="quality filters on task items")
+    shard_size: int = Field(1000, ge=1, description="tasks: rows per jsonl shard")
 
 
 class EvalConfig(Section):
@@ -175,6 +260,189 @@ class PruneConfig(Section):
     batch_size: int = Field(8, ge=1, description="calibration examples per forward pass")
 
 
+class OnPolicyConfig(Section):
+    fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="λ: share of micro-batches whose answers are sampled from the current student (GKD); 0: off",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="tokens sampled per on-policy answer")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the student's answers")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of the student's answers")
+
+
+class TeacherSpec(Section):
+    path: str = Field(..., description="an extra teacher: alias, HF directory or .gguf file (same tokenizer)")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` when it is a directory")
+    weight: float = Field(1.0, ge=0.0, description="this teacher's weight (normalised over all teachers)")
+
+
+class TeachersConfig(Section):
+    extra: list[TeacherSpec] = Field(
+        default_factory=list, description="teachers besides `teacher.path` (empty: one teacher); all share a tokenizer"
+    )
+    weight: float = Field(1.0, ge=0.0, description="the weight of `teacher.path` among the teachers")
+    combine: Literal["mixture", "confidence", "sum"] = Field(
+        "mixture",
+        description="mixture: KD to Σ w_i·p_i; confidence: per-token w_i ∝ weight_i · teacher i's max prob; "
+        "sum: Σ w_i · KD(teacher i) (the per-teacher losses, each logged)",
+    )
+
+
+class SelfDistillConfig(Section):
+    teacher: Literal["off", "initial", "ema"] = Field(
+        "off", description="initial: a frozen copy of the student's initial weights is the teacher; ema: an EMA of the student"
+    )
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="ema: teacher ← decay·teacher + (1 − decay)·student per step")
+
+
+class ProgressiveConfig(Section):
+    num_layers: list[int] = Field(
+        default_factory=list,
+        description="a chain of students (e.g. [20, 10]): stage i distils stage i−1's student (stage 0: the teacher) "
+        "into its layers; each stage is evaluated and saved in RUN_DIR/stage-i; empty: off",
+    )
+
+
+class SelectiveConfig(Section):
+    by: Literal["off", "max_prob", "entropy", "disagreement"] = Field(
+        "off",
+        description="keep the KD term on tokens where the teacher's max prob ≥ threshold, its entropy (nats) ≤ "
+        "threshold, or teacher and student top-1 disagree; CE is untouched",
+    )
+    threshold: float = Field(0.5, ge=0.0, description="max_prob: minimum; entropy: maximum (nats)")
+    level: Literal["token", "sequence"] = Field(
+        "token", description="sequence: keep or drop whole sequences by their mean score"
+    )
+
+
+class CrossTokenizerConfig(Section):
+    enabled: bool = Field(
+        False, description="teacher and student tokenizers differ: positions aligned by character offsets, "
+        "loss.divergence must be uld (sorted-probability Wasserstein)"
+    )
+
+
+class ReplayConfig(Section):
+    data: str | None = Field(None, description="general data mixed into every micro-batch (anti-forgetting)")
+    ratio: float = Field(0.0, ge=0.0, le=0.9, description="share of each micro-batch's examples drawn from replay data")
+    eval: str | None = Field(None, description="held-out general data evaluated before and after (forgetting)")
+
+
+class AnchorConfig(Section):
+    weight: float = Field(
+        0.0, ge=0.0, description="weight of KL(original student ‖ student) on supervised tokens (anti-forgetting); 0: off"
+    )
+
+
+class ModesConfig(Section):
+    onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="on-policy distillation (GKD)")
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig, description="multi-teacher distillation")
+    self_distill: SelfDistillConfig = Field(default_factory=SelfDistillConfig, description="self-distillation")
+    progressive: ProgressiveConfig = Field(default_factory=ProgressiveConfig, description="progressive chain")
+    selective: SelectiveConfig = Field(default_factory=SelectiveConfig, description="selective distillation")
+    cross_tokenizer: CrossTokenizerConfig = Field(
+        default_factory=CrossTokenizerConfig, description="cross-tokenizer distillation"
+    )
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="anti-forgetting: replay of general data")
+    anchor: AnchorConfig = Field(default_factory=AnchorConfig, description="anti-forgetting: KL to the original model")
+
+
+class PreferenceConfig(Section):
+    prompts: str | None = Field(None, description="feedback: prompts the student answers (default: data.train)")
+    pairs: str | None = Field(None, description="preference pairs jsonl: feedback writes it, dpo/rl read it "
+                                                "(default: RUN_DIR/data/pairs.jsonl)")
+    limit: int | None = Field(None, ge=1, description="feedback: use only the first N prompts")
+    samples_per_prompt: int = Field(4, ge=2, description="student answers sampled per prompt (feedback; the rl group size)")
+    max_new_tokens: int = Field(64, ge=1, description="tokens per sampled student answer")
+    temperature: float = Field(1.0, gt=0.0, description="student sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="student nucleus sampling")
+    scorer: Literal["loglik", "judge"] = Field(
+        "loglik", description="how the teacher scores answers: loglik = its mean log-prob per answer token "
+                              "(local teacher); judge = it grades each answer with judge_template (local or http)")
+    judge_template: str | None = Field(
+        None, description="judge prompt file with {prompt} and {answer} (default: kdkit/assets/templates/judge.txt)")
+    judge_max_new_tokens: int = Field(16, ge=1, description="judge: tokens the teacher may write before its score")
+    teacher_pairs: bool = Field(True, description="also pair the teacher's answer (chosen) with the worst student answer")
+    min_margin: float = Field(0.0, ge=0.0, description="keep a student-vs-student pair only when the scores differ by more")
+    beta: float = Field(0.1, gt=0.0, description="dpo: strength of the implicit KL to the reference (DPO's beta)")
+    loss: Literal["sigmoid"] = Field("sigmoid", description="dpo loss: sigmoid = -log σ(β·margin) (TRL's default)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo: assumed share of flipped labels (cDPO)")
+    reference: str = Field("student", description="frozen reference: 'student' (a copy of the starting student) "
+                                                  "or a model directory / alias")
+    reward: Literal["reward_model", "teacher"] = Field(
+        "reward_model", description="rl reward: a reward model trained on the pairs (Bradley-Terry) or the "
+                                    "teacher's mean log-prob per answer token")
+    reward_steps: int = Field(50, ge=1, description="rl: reward model training steps (batch train.batch_size pairs)")
+    reward_lr: float = Field(3e-4, gt=0.0, description="rl: reward model learning rate")
+    kl_coef: float = Field(0.05, ge=0.0, description="rl: weight of the per-token KL(policy ‖ reference) penalty")
+    rl_prompts: int = Field(2, ge=1, description="rl: prompts per step (each answered samples_per_prompt times)")
+
+
+LayerPair = list[int]  # [student_layer, teacher_layer], 0-based decoder layers
+
+
+class _LayerMapConfig(Section):
+    layers: int = Field(2, ge=1, description="student layers distilled, spread evenly up to the last, each paired with "
+                                              "the teacher layer at the same relative depth (ignored when pairs is set)")
+    pairs: list[LayerPair] | None = Field(None, description="explicit [student_layer, teacher_layer] pairs (0-based)")
+    pair_weights: list[float] | None = Field(None, description="λ per pair (default: 1/number of pairs, a mean)")
+
+    @model_validator(mode="after")
+    def _check_pairs(self):
+        if self.pairs is not None and (not self.pairs or any(len(p) != 2 or min(p) < 0 for p in self.pairs)):
+            raise ValueError("pairs must be a non-empty list of [student_layer, teacher_layer] with indices >= 0")
+        count = len(self.pairs) if self.pairs is not None else self.layers
+        if self.pair_weights is not None and len(self.pair_weights) != count:
+            raise ValueError(f"pair_weights has {len(self.pair_weights)} entries for {count} layer pairs")
+        return self
+
+
+class HiddenFeatureConfig(_LayerMapConfig):
+    weight: float = Field(0.0, ge=0.0, description="β: weight of the hidden-state term (0: off)")
+    distance: Literal["mse", "cosine", "l1", "l2", "ce", "mmd"] = Field(
+        "mse", description="per-token distance (mmd: kernel two-sample statistic over each micro-batch's tokens)")
+    position: Literal["pre", "post"] = Field(
+        "pre", description="pre: a layer's output (residual stream, before any norm); post: after the norm that "
+                           "reads it (the next layer's input norm, or the final norm)")
+    projector: Literal["identity", "xavier", "orthogonal", "none"] = Field(
+        "identity", description="init of the learned student→teacher width projection (trained with the student, "
+                                "saved as RUN_DIR/projector.safetensors, never exported); none: no projection "
+                                "(equal widths only)")
+
+
+class AttentionFeatureConfig(_LayerMapConfig):
+    weight: float = Field(0.0, ge=0.0, description="γ: weight of the attention-map term (0: off)")
+    loss: Literal["kl", "mse", "cosine"] = Field("kl", description="per-query loss between attention rows")
+    heads: Literal["average", "map"] = Field(
+        "average", description="average: compare head-averaged maps; map: head to head, the side with more heads "
+                               "averaged in contiguous (GQA-group) blocks")
+    max_seq_len: int = Field(1024, ge=1, description="longest batch allowed: maps cost batch·heads·T² floats per layer")
+
+
+class FeaturesConfig(Section):
+    hidden: HiddenFeatureConfig = Field(default_factory=HiddenFeatureConfig, description="hidden-state distillation")
+    attention: AttentionFeatureConfig = Field(default_factory=AttentionFeatureConfig,
+                                              description="attention-map transfer")
+    kd_weight: float = Field(1.0, ge=0.0, description="weight of the logit (KD) objective in the combined loss")
+    weighting: Literal["static", "balanced", "uncertainty"] = Field(
+        "static", description="static: L = kd_weight·L_kd + β·L_hidden + γ·L_att; balanced: each term rescaled to "
+                              "β (γ) times the KD term's detached magnitude; uncertainty: β·exp(-s)·L + s with "
+                              "learned log-variances s (Kendall et al.)")
+    dominance_threshold: float = Field(0.9, gt=0.5, le=1.0,
+                                       description="warn when one term is more than this share of the total ...")
+    dominance_steps: int = Field(50, ge=1, description="... for this many optimizer steps in a row")
+
+    @property
+    def enabled(self) -> bool:
+        return self.hidden.weight > 0 or self.attention.weight > 0
+
+    @model_validator(mode="after")
+    def _check_weighting(self):
+        if self.weighting == "balanced" and self.enabled and self.kd_weight == 0:
+            raise ValueError("weighting=balanced scales terms to the KD term's magnitude: it needs kd_weight > 0")
+        return self
+
+
 class RunConfig(Section):
     dir: str = Field("runs/kdkit", description="run directory: config, metrics, checkpoints, student, report")
     student_dir: str | None = Field(None, description="eval: the distilled student to evaluate (default: RUN_DIR/student)")
@@ -192,12 +460,45 @@ class Config(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="teacher-written data")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="pruning the teacher into the student")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
+                                         description="feedback distillation: teacher preferences, dpo, rl")
+    modes: ModesConfig = Field(default_factory=ModesConfig, description="training modes (all off by default)")
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig,
+                                     description="white-box distillation: hidden states, attention maps")
 
     @model_validator(mode="after")
     def _check(self):
         if self.student.init in ("pretrained", "config") and not self.student.path:
             raise ValueError(f"student.path is required when student.init is {self.student.init!r}")
+        _check_modes(self)
+        if self.features.enabled and self.teacher.signal != "online":
+            raise ValueError("features (hidden/attention distillation) read the teacher's internals in every step: "
+                             "they need teacher.signal=online (or set features.*.weight to 0)")
         return self
+
+
+def _check_modes(cfg: "Config") -> None:
+    """Combinations of modes and loss settings that cannot work together."""
+    m, lc = cfg.modes, cfg.loss
+    if m.cross_tokenizer.enabled != (lc.divergence == "uld"):
+        raise ValueError("modes.cross_tokenizer.enabled and loss.divergence=uld go together (uld compares sorted "
+                         "probabilities, the one divergence defined across vocabularies)")
+    dense_only = (m.selective.by != "off" or m.cross_tokenizer.enabled or m.teachers.combine == "sum"
+                  or m.anchor.weight > 0)
+    if dense_only and lc.implementation == "fused":
+        if "implementation" in lc.model_fields_set:  # asked for explicitly: say why it cannot be
+            raise ValueError("modes.selective / cross_tokenizer / teachers.combine=sum / anchor need the student's "
+                             "logits: use loss.implementation=dense")
+        lc.implementation = "dense"  # the default (fused) gives way: these modes read the student's logits
+    if m.cross_tokenizer.enabled and (m.teachers.extra or m.self_distill.teacher != "off" or m.progressive.num_layers):
+        raise ValueError("modes.cross_tokenizer runs one teacher: turn off teachers.extra, self_distill and progressive")
+    if m.replay.ratio > 0 and not m.replay.data:
+        raise ValueError("modes.replay.ratio > 0 needs modes.replay.data (general data to replay)")
+    if m.self_distill.teacher != "off" and m.teachers.extra:
+        raise ValueError("modes.self_distill replaces the teacher: modes.teachers.extra must be empty")
+    if cfg.teacher.signal == "cache" and (m.onpolicy.fraction > 0 or m.teachers.extra or m.self_distill.teacher != "off"):
+        raise ValueError("on-policy, multi-teacher and self-distillation need teacher.signal=online "
+                         "(a cache holds signals for the dataset's own answers only)")
 
 
 # ---------------------------------------------------------------- loading
@@ -225,8 +526,13 @@ def _fields_at(loc: tuple) -> list[str]:
     """Field names valid at a location of the tree, for did-you-mean."""
     model: type[BaseModel] = Config
     for part in loc:
+        if isinstance(part, int) or str(part).isdigit():
+            continue  # an index into a list of sections (generate.tasks[0])
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
+        args = getattr(ann, "__args__", ())
+        if getattr(ann, "__origin__", None) is list and args and isinstance(args[0], type):
+            ann = args[0]  # list[Section]: the fields of one element
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return list(model.model_fields)
         model = ann
@@ -263,12 +569,21 @@ def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """Set a dotted path; a number indexes into a list that is already there (generate.tasks.0.count=2)."""
     for part in path[:-1]:
+        if isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+            continue
+        if isinstance(tree, list):
+            raise UserError(f"override {'.'.join(path)}: {part!r} is not an index of the {len(tree)} items there")
         node = tree.get(part)
-        if not isinstance(node, dict):
+        if not isinstance(node, (dict, list)):
             node = tree[part] = {}
         tree = node
-    tree[path[-1]] = value
+    if isinstance(tree, list) and path[-1].isdigit() and int(path[-1]) < len(tree):
+        tree[int(path[-1])] = value
+    else:
+        tree[path[-1]] = value
 
 
 def build_config(data: dict, *, overrides: list[str] = (), origin: str = "config", lines=None) -> Config:
@@ -315,9 +630,16 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
 
     for section, key in (("data", "train"), ("data", "eval"), ("generate", "prompts"),
                          ("generate", "eval_prompts"), ("teacher", "path"), ("student", "path"),
-                         ("prune", "calibration")):
+                         ("prune", "calibration"), ("preference", "prompts"),
+                         ("preference", "pairs"), ("preference", "judge_template")):
         part = getattr(cfg, section)
         setattr(part, key, fix(getattr(part, key)))
+    for part, key in ((cfg.modes.replay, "data"), (cfg.modes.replay, "eval"),
+                      *((spec, "path") for spec in cfg.modes.teachers.extra)):
+        setattr(part, key, fix(getattr(part, key)))
+    for task in cfg.generate.tasks:  # task files and template files beside the config, too
+        task.inputs, task.demonstrations = fix(task.inputs), fix(task.demonstrations)
+        task.templates = {slot: fix(value) for slot, value in task.templates.items()}
     return cfg
 
 
@@ -337,6 +659,8 @@ def dump_config(cfg: BaseModel, *, docs: bool = True, indent: int = 0) -> str:
         else:
             if isinstance(value, tuple):
                 value = list(value)
+            if isinstance(value, list) and value and isinstance(value[0], BaseModel):  # generate.tasks
+                value = [v.model_dump(mode="json") for v in value]
             text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
             text = text.removesuffix("\n...").removesuffix("...").strip()
             out.append(f"{pad}{name}: {text}{doc}")

@@ -38,10 +38,18 @@ class Provenance:
 
 @dataclass
 class DenseSignal:
-    """Full-vocabulary teacher logits for N supervised tokens: `logits` (N, V), raw (T = 1)."""
+    """Full-vocabulary teacher logits for N supervised tokens: `logits` (N, V), raw (T = 1).
+
+    V is the student's vocabulary, except for cross-tokenizer signals (the teacher's; loss `uld`).
+    """
 
     logits: torch.Tensor  # (N, V)
     provenance: Provenance = field(default_factory=Provenance)
+    # (N,) per-token weight of the KD term (selective / multi-teacher / cross-tokenizer modes); None: all 1.
+    # distill_loss sums weight · divergence and still divides by the supervised-token count.
+    weight: torch.Tensor | None = None
+    # the teacher's internals from the same forward (hidden-state / attention distillation); None: not captured
+    hidden: HiddenSignal | None = None
 
     def __post_init__(self):
         if self.logits.dim() != 2:
@@ -64,6 +72,7 @@ class SparseSignal:
     logprobs: torch.Tensor  # (N, k) float
     tail: torch.Tensor | None = None  # (N,)
     provenance: Provenance = field(default_factory=Provenance)
+    weight: torch.Tensor | None = None  # (N,) per-token KD weight, as DenseSignal.weight
 
     def __post_init__(self):
         if self.ids.shape != self.logprobs.shape or self.ids.dim() != 2:
@@ -79,7 +88,8 @@ class SparseSignal:
 
 @dataclass
 class HiddenSignal:
-    """Selected teacher hidden states {layer index: (N, H)} and attention maps {layer: (B, h, T, T)}."""
+    """Selected teacher hidden states {layer index: (N, H)} at the supervised rows and attention
+    probabilities {layer: (B, h, T, T)}, from one teacher forward (travels on `DenseSignal.hidden`)."""
 
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)

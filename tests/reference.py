@@ -126,3 +126,136 @@ def bucketed_divergence(name, s, t, k, temperature=1.0, capture_temperature=None
     """A reference divergence on the buckets: their log-probs go in as logits at T = 1 (log 0 → NEG)."""
     b_s, b_t = bucketed(s, t, k, temperature, capture_temperature)
     return DIVERGENCES[name](torch.log(b_s), torch.log(b_t), temperature=1.0, **kw)
+
+
+# ---------------------------------------------------------------- preference losses (kdkit.train.preference)
+
+
+def completion_logps(logits, input_ids, completion_mask):
+    """fp64 sum of log p(token) over the completion, one sequence at a time, by loops.
+
+    logits (B, T, V): position t predicts input_ids[t + 1]; completion_mask (B, T) is 1 on completion tokens."""
+    out = []
+    for b in range(logits.shape[0]):
+        total = torch.zeros((), dtype=torch.float64)
+        for t in range(1, logits.shape[1]):
+            if completion_mask[b, t]:
+                _, log_p = probs_and_logprobs(logits[b, t - 1][None], 1.0)
+                total = total + log_p[0, input_ids[b, t]]
+        out.append(total)
+    return torch.stack(out)
+
+
+def dpo_sigmoid(pc, pr, rc, rr, beta, label_smoothing=0.0):
+    """fp64 DPO (sigmoid) per pair: −(1−ε)·log σ(β·m) − ε·log σ(−β·m), m the difference of log-ratios,
+    with log σ(x) = −log(1 + e^{−x}) written out."""
+    m = (pc.double() - rc.double()) - (pr.double() - rr.double())
+    x = beta * m
+    log_sig = lambda z: -torch.log1p(torch.exp(-z))  # noqa: E731
+    return -(1 - label_smoothing) * log_sig(x) - label_smoothing * log_sig(-x)
+
+
+def bradley_terry(rc, rr):
+    """fp64 −log σ(r_c − r_r)."""
+    return torch.log1p(torch.exp(-(rc.double() - rr.double())))
+
+
+def uld(s, t, temperature=1.0):
+    """ULD, naively: sort each row's probabilities in decreasing order, pad the shorter with zeros,
+    sum |difference| (fp64, loops over rows)."""
+    rows = []
+    for i in range(s.shape[0]):
+        p = sorted(torch.softmax(s[i].double() / temperature, -1), key=lambda x: -float(x.detach()))
+        q = sorted(torch.softmax(t[i].double() / temperature, -1), key=lambda x: -float(x.detach()))
+        width = max(len(p), len(q))
+        zero = torch.zeros((), dtype=torch.float64)
+        p, q = p + [zero] * (width - len(p)), q + [zero] * (width - len(q))
+        rows.append(sum((a - b).abs() for a, b in zip(p, q)))
+    return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- hidden states and attention maps
+
+
+def _softmax_rows(x):
+    """Softmax over the last axis by hand, fp64."""
+    shifted = x - x.max(dim=-1, keepdim=True).values
+    e = shifted.exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def _row_distance(name, a, b, eps=1e-8):
+    """One row's distance, written out: a, b (D,) fp64."""
+    d = a - b
+    if name == "mse":
+        return (d * d).sum() / d.numel()
+    if name == "l1":
+        return d.abs().sum() / d.numel()
+    if name == "l2":
+        return torch.sqrt((d * d).sum())
+    if name == "cosine":
+        na, nb = torch.sqrt((a * a).sum()), torch.sqrt((b * b).sum())
+        return 1 - (a * b).sum() / (torch.clamp(na, min=eps) * torch.clamp(nb, min=eps))
+    if name == "ce":
+        p_b = _softmax_rows(b)
+        log_q = torch.log(_softmax_rows(a))
+        return -(p_b * log_q).sum()
+    raise ValueError(name)
+
+
+def mmd2(x, y, bandwidths=(0.25, 1.0, 4.0)):
+    """Biased squared MMD of two row sets with Gaussian kernels, every pair by a loop; the bandwidth
+    scale is the detached mean cross distance."""
+    n = len(x)
+    sq = lambda a, b: ((a - b) ** 2).sum()  # noqa: E731
+    scale = sum(float(sq(x[i], y[j]).detach()) for i in range(n) for j in range(n)) / (n * n) + 1e-8
+    k = lambda a, b: sum(torch.exp(-sq(a, b) / (w * scale)) for w in bandwidths)  # noqa: E731
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            total = total + k(x[i], x[j]) + k(y[i], y[j]) - 2 * k(x[i], y[j])
+    return total / (n * n)
+
+
+def hidden_loss(name, s, t, mask, num_tokens):
+    """Σ over kept rows of the distance / num_tokens (mmd: n_kept · MMD² of the kept rows / num_tokens)."""
+    s, t = s.double(), t.double()
+    keep = [i for i in range(s.shape[0]) if mask[i]]
+    if name == "mmd":
+        total = len(keep) * mmd2([s[i] for i in keep], [t[i] for i in keep]) if keep else torch.zeros((), dtype=torch.float64)
+    else:
+        total = sum((_row_distance(name, s[i], t[i]) for i in keep), torch.zeros((), dtype=torch.float64))
+    return total / max(num_tokens, 1)
+
+
+def _group_mean(rows, groups):
+    """(H, T) → (groups, T): contiguous blocks of heads averaged."""
+    size = rows.shape[0] // groups
+    return torch.stack([rows[g * size:(g + 1) * size].mean(0) for g in range(groups)])
+
+
+def attention_loss(name, s, t, mask, num_tokens, heads="average"):
+    """Per query row (H, T): heads aligned by hand, then kl / mse / cosine over keys, mean over heads."""
+    s, t = s.double(), t.double()
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(s.shape[0]):
+        if not mask[i]:
+            continue
+        a, b = s[i], t[i]
+        if heads == "average":
+            a, b = a.mean(0, keepdim=True), b.mean(0, keepdim=True)
+        elif a.shape[0] > b.shape[0]:
+            a = _group_mean(a, b.shape[0])
+        elif b.shape[0] > a.shape[0]:
+            b = _group_mean(b, a.shape[0])
+        per_head = []
+        for h in range(a.shape[0]):
+            if name == "kl":
+                per_head.append(sum(b[h, k] * (torch.log(b[h, k]) - torch.log(a[h, k]))
+                                    for k in range(a.shape[1]) if b[h, k] > 0))
+            elif name == "mse":
+                per_head.append(((a[h] - b[h]) ** 2).sum())
+            else:
+                per_head.append(_row_distance("cosine", a[h], b[h]))
+        total = total + sum(per_head) / len(per_head)
+    return total / max(num_tokens, 1)

@@ -14,7 +14,8 @@ from typing import Any
 
 from kdkit.errors import UserError
 
-SUPPORTED_FILES = ".jsonl, .json, .parquet, or a `datasets` save_to_disk directory"
+SUPPORTED_FILES = (".jsonl, .json, .parquet, a `datasets` save_to_disk directory, or a `kdkit generate` "
+                   "directory (shard-*.jsonl + manifest.json)")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 ACCEPTED_FORMATS = (
@@ -42,6 +43,9 @@ def read_rows(path: str | Path) -> list[dict]:
     if not path.exists():
         raise UserError(f"data file not found: {path}. Check the path (relative paths start at {Path.cwd()}).")
     if path.is_dir():
+        shards = sorted(path.glob("shard-*.jsonl"))
+        if shards and (path / "manifest.json").is_file():  # a `kdkit generate` dataset: its shards in order
+            return [row for shard in shards for row in _read_jsonl(shard)]
         return _read_dataset_dir(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

@@ -3,9 +3,10 @@
     total = alpha · T² · mean(divergence at T) + (1 − alpha) · mean(cross-entropy at T = 1)
 
 exactly as `objective.distill_loss`, but from the student's hidden states (N, H) and head weight
-(V, H) instead of its logits. The teacher is a hidden state + head (online) or dense logits. Only the
-supervised rows (label != -100) are projected, a chunk of them at a time: the chunk's logits (c, V)
-go through the SAME divergence functions as the dense path (`DIVERGENCES`), autograd gives
+(V, H) instead of its logits. The teacher is a hidden state + head (online), dense logits, or a
+top-k SparseSignal (`fused_sparse.py`). Only the supervised rows (label != -100) are projected, a
+chunk of them at a time: the chunk's logits (c, V) go through the SAME divergence functions as the
+dense path (`DIVERGENCES`; for a SparseSignal `sparse.student_buckets` first), autograd gives
 d objective / d logits (c, V) on the chunk, and the two student products
 
     grad_hidden[chunk] = g @ W    (c, V) @ (V, H)        grad_W += gᵀ @ h    (V, c) @ (c, H)
@@ -20,18 +21,18 @@ inductor into one loop nest with `compiled=True` (the fast path for training).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from kdkit.signal import DenseSignal
+from kdkit.signal import DenseSignal, SparseSignal
 
 from .divergences import DIVERGENCES
+from .fused_chunk import Spec, chunk_grad, padded_step, step_rows
+from .fused_sparse import DenseTeacher, SparseTeacher, teacher_signal
 from .objective import IGNORE_INDEX, LossParts, _check_args
-from .reduce import masked_sum, normalize
+from .reduce import normalize
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for a chunk's (c, V) temporaries
 # fp32 (c, V) tensors alive at once in an eager chunk step (logits of both, log-probs of both, p,
@@ -48,17 +49,6 @@ def auto_chunk_size(vocab: int, *, memory_budget_bytes: int = DEFAULT_MEMORY_BUD
     return rows - rows % 8 if rows >= 8 else rows
 
 
-@dataclass(frozen=True)
-class _Spec:
-    """Everything about the objective that is not a tensor (hashable: a compile cache key)."""
-
-    divergence: str
-    temperature: float
-    alpha: float
-    kwargs: tuple  # ((name, value), …) for the divergence
-    need_grad: bool  # False: values only (no_grad, or nothing requires a gradient)
-
-
 @dataclass
 class _Head:
     """One side's projection: rows of `hidden` (N, H) @ `weight[:vocab]`ᵀ (+ bias) → (c, vocab) fp32."""
@@ -67,6 +57,10 @@ class _Head:
     weight: Tensor  # (vocab, H), already in the matmul dtype
     bias: Tensor | None  # (vocab,), in the matmul dtype
     buffer: Tensor | None = None  # (chunk, V) fp32, reused by every chunk: no allocation (or page faults) per chunk
+
+    def chunk(self, rows: Tensor | slice, chunk_size: int) -> tuple[Tensor]:
+        """The chunk's logits as a teacher chunk: (z (c, V) fp32,)."""
+        return (self.logits(rows, chunk_size)[1],)
 
     def logits(self, rows: Tensor | slice, chunk_size: int) -> tuple[Tensor, Tensor]:
         """The chunk's hidden rows (c, H) in the matmul dtype and its logits (c, V) fp32."""
@@ -80,94 +74,6 @@ class _Head:
         if self.bias is None:
             return h, torch.mm(h, self.weight.t(), out=out)
         return h, torch.addmm(self.bias, h, self.weight.t(), out=out)  # bias added inside the GEMM
-
-
-@dataclass
-class _DenseTeacher:
-    """Teacher logits given whole, (N, V_any); only chunk rows and the first `vocab` columns are read."""
-
-    logits_all: Tensor  # (N, V_any)
-    vocab: int
-
-    def logits(self, rows: Tensor | slice, chunk_size: int) -> tuple[None, Tensor]:
-        return None, self.logits_all[rows, : self.vocab]  # (c, V); upcast inside the divergence
-
-
-def _chunk_objective(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec) -> tuple[Tensor, Tensor, Tensor]:
-    """Un-normalised sums over one chunk: (objective to differentiate, Σ divergence, Σ CE).
-
-    A part with weight 0 stays out of the objective (as in `distill_loss`: an inf in it must not
-    turn the gradient into NaN through 0 · inf), but is still reported.
-    """
-    mask = labels != IGNORE_INDEX  # (c,) bool; False only on the padding rows of the compiled step
-    per_token = DIVERGENCES[spec.divergence](z_s, z_t, temperature=spec.temperature, **dict(spec.kwargs))  # (c,)
-    kd = masked_sum(per_token, mask)
-    ce_rows = F.cross_entropy(z_s, labels, reduction="none", ignore_index=IGNORE_INDEX)  # (c,)
-    ce = masked_sum(ce_rows, mask)
-    alpha, t2 = spec.alpha, spec.temperature**2
-    if alpha == 1.0:
-        objective = t2 * kd
-    elif alpha == 0.0:
-        objective = ce
-    else:
-        objective = alpha * t2 * kd + (1.0 - alpha) * ce
-    return objective, kd.detach(), ce.detach()
-
-
-def _objective_and_sums(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec):
-    """`_chunk_objective` in the (value, aux) form `torch.func.grad_and_value` expects."""
-    objective, kd, ce = _chunk_objective(z_s, z_t, labels, spec)
-    return objective, (kd, ce)
-
-
-def _chunk_grad(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec) -> tuple[Tensor | None, Tensor, Tensor]:
-    """d objective / d student logits (c, V) fp32 (None without grad), Σ divergence, Σ CE.
-
-    Pure tensor code (torch.func, no autograd graph kept): the same function runs eagerly or
-    compiled by `_compiled_chunk_grad`, where inductor fuses the ~20 element-wise passes of
-    the divergence and its backward into a few loops over the chunk.
-    """
-    if not spec.need_grad:
-        _, kd, ce = _chunk_objective(z_s, z_t, labels, spec)
-        return None, kd, ce
-    g, (_, (kd, ce)) = torch.func.grad_and_value(_objective_and_sums, has_aux=True)(z_s, z_t, labels, spec)
-    return g, kd, ce  # (c, V), (), ()
-
-
-@functools.cache
-def _compiled_chunk_grad():
-    # Static shapes: every chunk is padded to the same row count (`_padded_step`), so one kernel
-    # serves all chunks of all steps; symbolic-shape kernels ran ~1.7x slower here on CPU.
-    return torch.compile(_chunk_grad, dynamic=False)
-
-
-def _pad_rows(x: Tensor, rows: int, fill) -> Tensor:
-    """x (c, …) extended to `rows` rows filled with `fill`; x itself when already that long."""
-    if x.shape[0] == rows:
-        return x
-    out = x.new_full((rows, *x.shape[1:]), fill)  # (rows, …)
-    out[: x.shape[0]] = x
-    return out
-
-
-def _padded_step(rows: int):
-    """The compiled chunk step on chunks padded to `rows` rows (label -100: they count for nothing)."""
-    step = _compiled_chunk_grad()
-
-    def run(z_s: Tensor, z_t: Tensor, labels: Tensor, spec: _Spec):
-        c = labels.shape[0]
-        z_s, z_t = _pad_rows(z_s, rows, 0.0), _pad_rows(z_t, rows, 0.0)  # (rows, V) each
-        g, kd, ce = step(z_s, z_t, _pad_rows(labels, rows, IGNORE_INDEX), spec)
-        return (None if g is None else g[:c]), kd, ce  # (c, V)
-
-    return run
-
-
-def _step_rows(n: int, chunk_size: int, compiled: bool) -> int:
-    """Rows per chunk: at most `chunk_size`; compiled, a power of two for small n (few kernel shapes)."""
-    if not compiled:
-        return max(1, min(chunk_size, n))
-    return min(chunk_size, 1 << max(0, n - 1).bit_length())
 
 
 @dataclass
@@ -225,40 +131,40 @@ class _FusedDistill(torch.autograd.Function):
     """(total, kd, ce) of the chunked objective; gradients w.r.t. student hidden, weight, bias."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, student, teacher, count, spec, chunk_size, compiled):
+    def forward(ctx, hidden, weight, bias, labels, token_weight, student, teacher, count, spec, chunk_size, compiled):
+        # teacher: a `_Head`, `DenseTeacher` or `SparseTeacher`; `.chunk(rows)` gives its chunk tuple
         rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) supervised rows only cost FLOPs
         want = ctx.needs_input_grad[:3] if spec.need_grad else (False, False, False)
         grads = _Grads.allocate(want, hidden, weight, bias, student.weight.shape[0])
-        kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)  # Σ kd, Σ ce, Σ KL₁, #top-1
         all_rows = rows.numel() == labels.numel()
-        chunk_size = _step_rows(rows.numel(), chunk_size, compiled)
-        step = _padded_step(chunk_size) if compiled else _chunk_grad
+        chunk_size = step_rows(rows.numel(), chunk_size, compiled)
+        step = padded_step(chunk_size) if compiled else chunk_grad
         for start in range(0, rows.numel(), chunk_size):
             # Contiguous slices when nothing is masked (views, no gather); else an index gather.
             idx = slice(start, start + chunk_size) if all_rows else rows[start : start + chunk_size]
             h, z_s = student.logits(idx, chunk_size)  # (c, H), (c, V)
-            _, z_t = teacher.logits(idx, chunk_size)  # (c, V)
-            g, kd, ce = step(z_s, z_t, labels[idx], spec)
-            kd_sum += kd
-            ce_sum += ce
+            w_rows = None if token_weight is None else token_weight[idx]  # (c,)
+            g, chunk_sums = step(z_s, teacher.chunk(idx, chunk_size), labels[idx], w_rows, spec)
+            sums += torch.stack(chunk_sums)  # (4,)
             if g is not None:
                 grads.add_chunk(g, h, idx, student)
         scale = normalize(torch.ones((), dtype=torch.float32, device=hidden.device), count)  # 1 / count
         ctx.save_for_backward(*grads.finish(scale, (hidden, weight, bias)))
-        kd, ce = kd_sum * scale, ce_sum * scale
-        ctx.mark_non_differentiable(kd, ce)
-        return _total(kd, ce, spec), kd, ce
+        kd, ce, kl = (sums[:3] * scale).unbind()  # normalised like the loss; #top-1 stays a count
+        agree = sums[3].clone()
+        ctx.mark_non_differentiable(kd, ce, kl, agree)
+        return _total(kd, ce, spec), kd, ce, kl, agree
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+    def backward(ctx, grad_total, *_grad_reported):
         saved = ctx.saved_tensors
         if not torch.equal(grad_total, torch.ones_like(grad_total)):  # loss.backward(): skip a (V, H) pass
             saved = tuple(None if g is None else g * grad_total.to(g.dtype) for g in saved)
-        return (*saved, None, None, None, None, None, None, None)
+        return (*saved, None, None, None, None, None, None, None, None)
 
 
-def _total(kd: Tensor, ce: Tensor, spec: _Spec) -> Tensor:
+def _total(kd: Tensor, ce: Tensor, spec: Spec) -> Tensor:
     """alpha · T² · kd + (1 − alpha) · ce, leaving out a part of weight 0 (it may be inf)."""
     if spec.alpha == 1.0:
         return spec.temperature**2 * kd
@@ -281,24 +187,15 @@ def _check_shapes(hidden: Tensor, weight: Tensor, labels: Tensor, vocab: int, te
         )
 
 
-def _dense_teacher_logits(teacher_logits: DenseSignal | Tensor | None, n: int) -> Tensor | None:
-    if teacher_logits is None:
-        return None
-    if not isinstance(teacher_logits, (DenseSignal, Tensor)):
-        raise ValueError(
-            f"teacher_logits must be (N, V) logits or a DenseSignal, got {type(teacher_logits).__name__}; "
-            "for a SparseSignal use distill_loss on the student's logits (the fused path is dense-only)"
-        )
-    logits = teacher_logits.logits if isinstance(teacher_logits, DenseSignal) else teacher_logits  # (N, V)
-    if logits.dim() != 2 or logits.shape[0] != n:
-        raise ValueError(f"teacher logits {tuple(logits.shape)} must be (N, V) with N = {n}")
-    return logits.detach()
-
-
-def _teacher(hidden, weight, bias, logits, *, n: int, vocab: int, mm_dtype) -> _Head | _DenseTeacher:
-    """The teacher side: a `_Head` (online) or `_DenseTeacher`, reading the first `vocab` logits."""
-    if logits is not None:
-        return _DenseTeacher(logits, vocab)
+def _teacher(hidden, weight, bias, signal, spec: Spec, *, n: int, vocab: int, mm_dtype, capture_temperature, device):
+    """The teacher side, reading the first `vocab` logits: a `_Head` (online), `DenseTeacher` or `SparseTeacher`."""
+    if isinstance(signal, SparseSignal):
+        return SparseTeacher.build(signal, vocab=vocab, temperature=spec.temperature,
+                                   capture_temperature=capture_temperature, device=device)
+    if capture_temperature is not None:
+        raise ValueError("capture_temperature applies to a SparseSignal teacher only")
+    if signal is not None:
+        return DenseTeacher(signal, vocab)
     if hidden.shape[0] != n or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"teacher hidden {tuple(hidden.shape)} must be (N, H_t) with N = {n}, "
@@ -324,7 +221,7 @@ def fused_distill_loss(
     *,
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
-    teacher_logits: DenseSignal | Tensor | None = None,
+    teacher_logits: DenseSignal | SparseSignal | Tensor | None = None,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     divergence: str = "forward_kl",
@@ -336,44 +233,61 @@ def fused_distill_loss(
     vocab: int | None = None,
     matmul_dtype: torch.dtype | None = None,
     compiled: bool = False,
+    metrics: bool = False,
+    capture_temperature: float | None = None,
     **divergence_kwargs,
 ) -> LossParts:
     """`distill_loss` on logits = hidden (N, H) @ weight[:vocab]ᵀ (+ bias), chunk by chunk over rows.
 
     The teacher is `teacher_hidden` (N, H_t) + `teacher_weight` (V, H_t) (+ `teacher_bias`), or
-    `teacher_logits` (N, V) / DenseSignal; it gets no gradient. `labels` (N,) use -100 for
-    unsupervised rows, which are skipped entirely. `num_tokens` is the global supervised count of
-    the optimizer step (gradient accumulation, several ranks); default: this batch's count.
-    `vocab` keeps the first `vocab` logits only (padded heads). `chunk_size` rows per chunk
-    (default: from `memory_budget_bytes`). `matmul_dtype` (e.g. torch.bfloat16) runs the four
-    products in that dtype (its GEMMs accumulate in fp32); softmaxes and sums are always fp32;
-    default: the inputs' dtype. `compiled=True` runs each chunk's divergence and its gradient
+    `teacher_logits`: (N, V) logits, a DenseSignal, or a top-k SparseSignal of N rows (the k + 1
+    buckets of `sparse.py`; `capture_temperature` as in `distill_loss`); it gets no gradient.
+    `labels` (N,) use -100 for unsupervised rows, which are skipped entirely. `num_tokens` is the
+    global supervised count of the optimizer step (gradient accumulation, several ranks); default:
+    this batch's count. `vocab` keeps the first `vocab` logits only (padded heads). `chunk_size`
+    rows per chunk (default: from `memory_budget_bytes`). `matmul_dtype` (e.g. torch.bfloat16) runs
+    the four products in that dtype (its GEMMs accumulate in fp32); softmaxes and sums are always
+    fp32; default: the inputs' dtype. `compiled=True` runs each chunk's divergence and its gradient
     through torch.compile (fused element-wise loops: ~3x faster per chunk; the first call compiles
-    for tens of seconds). Returns the same `LossParts` as `distill_loss`.
+    for tens of seconds). `metrics=True` also fills `LossParts.kl` (mean KL(teacher ‖ student) at
+    T = 1, over the k + 1 buckets for a SparseSignal) and `LossParts.top1` (the count of rows whose
+    student argmax is the teacher's top-1), per chunk, from the logits already in hand. A signal's
+    `weight` (N,) scales each token's divergence, as in `distill_loss`.
     """
     _check_args(divergence, alpha, temperature, divergence_kwargs)
+    if divergence not in DIVERGENCES:  # cross-vocabulary losses (uld) need both full distributions
+        raise ValueError(f"the fused loss has no {divergence!r}; use distill_loss, or one of {sorted(DIVERGENCES)}")
     n = student_hidden.shape[0]
-    dense = _dense_teacher_logits(teacher_logits, n)  # (N, V_t) or None
-    if (dense is None) == (teacher_hidden is None or teacher_weight is None):
+    signal = teacher_signal(teacher_logits, n)  # (N, V_t) logits, a SparseSignal, or None
+    if (signal is None) == (teacher_hidden is None or teacher_weight is None):
         raise ValueError("give the teacher either as teacher_hidden + teacher_weight, or as teacher_logits")
-    teacher_vocab = teacher_weight.shape[0] if dense is None else dense.shape[1]
+    if signal is None:
+        teacher_vocab = teacher_weight.shape[0]
+    else:  # a top-k signal fits any vocabulary its ids lie in (checked when it is bucketed)
+        teacher_vocab = student_weight.shape[0] if isinstance(signal, SparseSignal) else signal.shape[1]
     vocab = min(student_weight.shape[0], teacher_vocab) if vocab is None else vocab
     _check_shapes(student_hidden, student_weight, labels, vocab, teacher_vocab)
-    teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, dense, n=n, vocab=vocab, mm_dtype=matmul_dtype)
+    inputs = (student_hidden, student_weight, student_bias)
+    spec = Spec(
+        divergence, float(temperature), float(alpha), tuple(sorted(divergence_kwargs.items())),
+        need_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs),
+        sparse=isinstance(signal, SparseSignal), metrics=bool(metrics),
+    )
+    teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, signal, spec, n=n, vocab=vocab,
+                       mm_dtype=matmul_dtype, capture_temperature=capture_temperature,
+                       device=student_hidden.device)
     mm_dtype = matmul_dtype or student_weight.dtype
     student = _Head(
         student_hidden.detach(),
         student_weight.detach()[:vocab].to(mm_dtype),  # (V, H); a view unless the dtype changes
         None if student_bias is None else student_bias.detach()[:vocab].to(mm_dtype),
     )
-    inputs = (student_hidden, student_weight, student_bias)
-    spec = _Spec(
-        divergence, float(temperature), float(alpha), tuple(sorted(divergence_kwargs.items())),
-        need_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs),
-    )
     count = (labels != IGNORE_INDEX).sum() if num_tokens is None else num_tokens
     chunk = chunk_size or auto_chunk_size(vocab, memory_budget_bytes=memory_budget_bytes)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
-    total, kd, ce = _apply(*inputs, labels, student, teacher, count, spec, chunk, compiled)
-    return LossParts(total=total, kd=kd, ce=ce)
+    token_weight = getattr(teacher_logits, "weight", None)  # (N,) a signal's per-token KD weight, or None
+    if token_weight is not None:
+        token_weight = token_weight.detach().to(device=student_hidden.device, dtype=torch.float32)
+    total, kd, ce, kl, top1 = _apply(*inputs, labels, token_weight, student, teacher, count, spec, chunk, compiled)
+    return LossParts(total=total, kd=kd, ce=ce, kl=kl if metrics else None, top1=top1 if metrics else None)

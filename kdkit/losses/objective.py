@@ -23,6 +23,7 @@ from kdkit.signal import DenseSignal, SparseSignal
 from .divergences import DIVERGENCES, _check_temperature
 from .reduce import token_mean
 from .sparse import sparse_divergence
+from .uld import CROSS_VOCAB
 
 IGNORE_INDEX = -100
 
@@ -32,15 +33,19 @@ class LossParts:
     total: Tensor  # scalar to backprop
     kd: Tensor  # detached scalar: mean per-token divergence (unscaled by T², normalised like total)
     ce: Tensor  # detached scalar: mean hard-label cross-entropy (T = 1)
+    # Progress metrics, filled only by the fused path with metrics=True (None otherwise):
+    kl: Tensor | None = None  # detached scalar: mean KL(teacher ‖ student) at T = 1, normalised like total
+    top1: Tensor | None = None  # detached scalar: count of rows whose student argmax is the teacher's top-1
 
 
 def _check_args(divergence: str, alpha: float, temperature: float, divergence_kwargs: dict) -> None:
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(DIVERGENCES)}")
+    known = {**DIVERGENCES, **CROSS_VOCAB}
+    if divergence not in known:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(known)}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (1 = pure KD, 0 = pure CE), got {alpha!r}")
     _check_temperature(temperature)
-    accepted = set(inspect.signature(DIVERGENCES[divergence]).parameters) - {
+    accepted = set(inspect.signature(known[divergence]).parameters) - {
         "student_logits", "teacher_logits", "temperature"
     }
     unknown = set(divergence_kwargs) - accepted
@@ -51,7 +56,7 @@ def _check_args(divergence: str, alpha: float, temperature: float, divergence_kw
 
 
 def _dense_divergence(name: str, student_logits: Tensor, teacher_logits: Tensor, **kwargs) -> Tensor:
-    return DIVERGENCES[name](student_logits, teacher_logits, **kwargs)  # (N,)
+    return {**DIVERGENCES, **CROSS_VOCAB}[name](student_logits, teacher_logits, **kwargs)  # (N,)
 
 
 def distill_loss(
@@ -72,8 +77,15 @@ def distill_loss(
     k + 1 buckets of `sparse.py` (its docstring states the tail and temperature conventions);
     `capture_temperature` overrides the signal's `provenance.temperature` (sparse teachers only).
     The teacher is not detached here: a frozen teacher carries no gradient anyway.
+
+    A signal's `weight` (N,) scales each token's divergence in the KD term (0 drops it); the KD sum is
+    still divided by the full supervised count, so dropping tokens shrinks the KD term rather than
+    re-weighting the kept ones. The CE term is never weighted.
     """
     _check_args(divergence, alpha, temperature, divergence_kwargs)
+    weight = getattr(teacher, "weight", None)  # (N,) or None
+    if isinstance(teacher, SparseSignal) and divergence in CROSS_VOCAB:
+        raise ValueError(f"divergence {divergence!r} needs dense teacher logits, not a top-k signal")
     if isinstance(teacher, SparseSignal):
         divergence_fn = partial(sparse_divergence, capture_temperature=capture_temperature)
     elif capture_temperature is not None:
@@ -92,7 +104,11 @@ def distill_loss(
         per_token = divergence_fn(
             divergence, student_logits, teacher, temperature=temperature, **divergence_kwargs
         )  # (N,)
-        kd = token_mean(per_token, mask, count)
+        if weight is None:
+            kd = token_mean(per_token, mask, count)
+        else:  # weight-0 rows leave the mask: an inf there must not reach the sum (0 · inf = NaN)
+            weight = weight.to(per_token.device, per_token.dtype)  # (N,)
+            kd = token_mean(per_token * weight, mask & (weight != 0), count)
     with nullcontext() if alpha < 1 else torch.no_grad():
         # F.cross_entropy gives 0 on ignored rows; the mask in token_mean is what makes them not count.
         ce_rows = F.cross_entropy(

@@ -35,3 +35,10 @@ def normalize(total: Tensor, num_tokens: int | Tensor) -> Tensor:
 def token_mean(values: Tensor, mask: Tensor, num_tokens: int | Tensor | None = None) -> Tensor:
     """Masked mean of per-token values (N,), over `num_tokens` (default: this batch's mask.sum())."""
     return normalize(masked_sum(values, mask), mask.sum() if num_tokens is None else num_tokens)
+
+
+def masked_row_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of each row of values (N, M) over the columns where mask (M,) is True → (N,); 0 with none."""
+    if values.dim() != 2 or mask.shape != values.shape[1:]:
+        raise ValueError(f"values {tuple(values.shape)} must be (N, M) and mask {tuple(mask.shape)} (M,)")
+    return torch.where(mask, values, 0.0).sum(-1) / max(int(mask.sum()), 1)

@@ -2,28 +2,59 @@
 
 `kdkit cache verify DIR [--repair]` checks every shard's checksum and redoes only damaged ones
 (repair reruns the teacher from the config saved beside the cache).
+
+With `teacher.backend: http` the log-probs come from a vLLM server's `prompt_logprobs` (the
+tokenizer still comes from `teacher.path`, which must be the served model's); they are at T = 1.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kdkit.config import Config, load_config, save_config
 from kdkit.errors import UserError
+from kdkit.models.license import gate_from_config
 from kdkit.models.load import head_rows, shared_vocab_size
 from kdkit.teacher.cache import build_cache, repair_cache, verify_cache
+from kdkit.teacher.http import ChatClient
+from kdkit.teacher.served_cache import build_served_cache, repair_served_cache
 from kdkit.train.setup import cache_dir, load_teacher, tokenize_file
 
 
 def run(cfg: Config, *, teacher=None) -> Path:
     teacher = teacher or load_teacher(cfg)
+    gate_from_config(teacher.license, cfg.teacher, teacher=teacher.source.id)  # may its outputs train a student?
     train = tokenize_file(cfg.data.train, teacher.tokenizer, cfg, key="data.train")
     out = cache_dir(cfg)
+    if cfg.teacher.backend == "http":
+        return _run_served(cfg, teacher, train, out)
     vocab = shared_vocab_size(teacher.tokenizer, teacher.tokenizer, head_rows(teacher.model), len(teacher.tokenizer))
     build_cache(teacher.model, train, out, k=cfg.teacher.top_k, temperature=cfg.loss.temperature,
                 provenance=teacher.provenance(cfg.loss.temperature), vocab=vocab,
                 shard_size=cfg.teacher.cache_shard_size, batch_size=cfg.train.batch_size)
     save_config(cfg, out / "config.yaml")  # what `verify --repair` needs to recompute a shard
+    return out
+
+
+def _client(cfg: Config) -> ChatClient:
+    tc = cfg.teacher
+    return ChatClient(tc.base_url, api_key=os.environ.get(tc.api_key_env) or None, api_key_env=tc.api_key_env,
+                      timeout=tc.timeout_s, max_retries=tc.max_retries, concurrency=tc.concurrency)
+
+
+def _run_served(cfg: Config, teacher, train, out: Path) -> Path:
+    """The cache from a served teacher's prompt_logprobs (T = 1; the model is never loaded here)."""
+    if cfg.loss.temperature != 1.0:
+        raise UserError(f"loss.temperature={cfg.loss.temperature}: a served teacher's prompt_logprobs are at "
+                        "temperature 1, so a cache from teacher.backend=http needs loss.temperature=1 "
+                        "(or build it with teacher.backend=local)")
+    client = _client(cfg)
+    model = cfg.teacher.model or client.served_model()
+    build_served_cache(client, train, out, model=model, k=cfg.teacher.top_k, provenance=teacher.provenance(),
+                       vocab=len(teacher.tokenizer), shard_size=cfg.teacher.cache_shard_size,
+                       concurrency=cfg.teacher.concurrency)
+    save_config(cfg, out / "config.yaml")
     return out
 
 
@@ -37,6 +68,9 @@ def verify(directory: Path, *, repair: bool = False) -> list[str]:
         cfg = load_config(saved)
         teacher = load_teacher(cfg)
         train = tokenize_file(cfg.data.train, teacher.tokenizer, cfg, key="data.train")
+        if cfg.teacher.backend == "http":
+            repair_served_cache(_client(cfg), train, directory, concurrency=cfg.teacher.concurrency)
+            return [str(p) for p in verify_cache(directory)]
         repair_cache(teacher.model, train, directory, batch_size=cfg.train.batch_size)
         return [str(p) for p in verify_cache(directory)]
     return problems

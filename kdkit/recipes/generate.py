@@ -1,11 +1,19 @@
-"""`kdkit generate CONFIG`: the teacher answers a file of prompts, written as `messages` jsonl.
+"""`kdkit generate CONFIG`: the teacher writes training data.
 
-With `generate.eval_prompts` it answers a held-out file too; a pipeline then trains on the first
-and evaluates on the second. `teacher.backend` picks who answers: `local` runs the teacher here
-(batched transformers generation), `http` asks an OpenAI-compatible server (vLLM, ...) at
-`teacher.base_url`, with the API key read from the environment variable `teacher.api_key_env`.
-Beside each output file a `.manifest.json` records the teacher, the sampling settings and the counts
-(never the API key).
+Two modes:
+- `generate.tasks` (a list): elicitation tasks, each with its own strategy, templates and count
+  (labelling, expansion, curation, feature, self_knowledge, chain_of_thought; see
+  kdkit/teacher/elicit.py). Stage files go to RUN_DIR/data/stages (resumable); the result, parsed and
+  filtered, is a directory of jsonl shards + manifest.json + a diversity report at `generate.output`
+  (default RUN_DIR/data/train), which `kdkit sft` and `data.train` read.
+- `generate.prompts`: the teacher answers a file of prompts, written as one `messages` jsonl (and
+  `generate.eval_prompts` a held-out one); a pipeline then trains on the first and evaluates on the second.
+
+`teacher.backend` picks who answers: `local` runs the teacher here (batched transformers generation),
+`http` asks an OpenAI-compatible server (vLLM, ...) at `teacher.base_url`, with the API key read from
+the environment variable `teacher.api_key_env`. Either way the teacher's licence is checked first
+(`kdkit.models.license`), and manifests record the teacher, the licence decision, the sampling
+settings and the counts (never the API key).
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from pathlib import Path
 from kdkit.config import Config, save_config
 from kdkit.data.sources import load_examples
 from kdkit.errors import UserError
+from kdkit.models.license import gate_from_config, license_from_url
+from kdkit.teacher.dataset import write_dataset
+from kdkit.teacher.elicit import run_task
 from kdkit.teacher.generate import done_ids, generate_answers
 from kdkit.teacher.http import ChatClient, generate_answers_http
 from kdkit.train.setup import load_teacher
@@ -26,13 +37,72 @@ from kdkit.train.setup import load_teacher
 def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
     """Returns {"train": path, "eval": path (when eval_prompts is set)}."""
     gc, tc = cfg.generate, cfg.teacher
-    if not gc.prompts:
-        raise UserError("generate.prompts is not set: give a file of prompts (e.g. `generate.prompts=prompts.jsonl`)")
+    if not gc.prompts and not gc.tasks:
+        raise UserError("generate.prompts and generate.tasks are both unset: give a file of prompts "
+                        "(e.g. `generate.prompts=prompts.jsonl`) or a list of tasks (see configs/generate-strategies.yaml)")
     if gc.top_logprobs and tc.backend != "http":
         raise UserError("generate.top_logprobs needs teacher.backend=http (a served teacher); "
-                        "for a local teacher use `kdkit cache`")
+                        "for a local teacher use `kdkit cache` or a task with strategy: feature")
+    names = [t.name for t in gc.tasks]
+    if len(set(names)) != len(names):
+        raise UserError(f"generate.tasks: task names must be unique (they prefix the item ids), got {names}")
     run_dir = Path(cfg.run.dir)
     save_config(cfg, run_dir / "config.yaml")
+    complete, source, teacher = _backend(cfg, teacher)
+    license_id = tc.license or (teacher.license if teacher is not None else license_from_url(tc.base_url))
+    decision = gate_from_config(license_id, tc, teacher=source.get("teacher") or source.get("model") or "the teacher")
+    if gc.tasks:
+        out = Path(gc.output) if gc.output else run_dir / "data" / "train"
+        return {"train": _run_tasks(cfg, complete, source=source, decision=decision, out=out)}
+    return _answer_prompts(cfg, complete, source=source, decision=decision)
+
+
+def _backend(cfg: Config, teacher):
+    """(complete(examples, out, top_logprobs=0) -> out, a description of the teacher, the local Teacher or None)."""
+    gc, tc = cfg.generate, cfg.teacher
+    if tc.backend == "http":
+        api_key = os.environ.get(tc.api_key_env) or None  # read here, passed on, never stored
+        model = tc.model or ChatClient(tc.base_url, api_key=api_key, api_key_env=tc.api_key_env,
+                                       timeout=tc.timeout_s, max_retries=tc.max_retries).served_model()
+
+        def complete(examples, out, *, top_logprobs: int = gc.top_logprobs):
+            return generate_answers_http(
+                examples, out, base_url=tc.base_url, model=model, api_key=api_key,
+                api_key_env=tc.api_key_env, max_new_tokens=gc.max_new_tokens,
+                temperature=gc.temperature if gc.do_sample else 0.0, top_p=gc.top_p,
+                concurrency=tc.concurrency, timeout=tc.timeout_s, max_retries=tc.max_retries,
+                seed=cfg.train.seed, top_logprobs=top_logprobs)
+        return complete, {"backend": "http", "base_url": tc.base_url, "model": model}, None
+    teacher = teacher or load_teacher(cfg)
+
+    def complete(examples, out, *, top_logprobs: int = 0):
+        return generate_answers(teacher.model, teacher.tokenizer, examples, out,
+                                max_new_tokens=gc.max_new_tokens, batch_size=gc.batch_size,
+                                do_sample=gc.do_sample, temperature=gc.temperature, top_p=gc.top_p,
+                                seed=cfg.train.seed, top_logprobs=top_logprobs)
+    return complete, {"backend": "local", "teacher": teacher.source.id, "license": teacher.license}, teacher
+
+
+def _run_tasks(cfg: Config, complete, *, source: dict, decision: dict, out: Path) -> Path:
+    """Every task's stages, then one filtered, sharded dataset with its manifest."""
+    gc, fc = cfg.generate, cfg.generate.filters
+    want_confidence = fc.min_mean_logprob is not None or fc.max_mean_entropy is not None
+    items, tasks = [], {}
+    for task in gc.tasks:
+        result = run_task(task, complete=complete, stage_dir=out.parent / "stages", seed=cfg.train.seed,
+                          want_confidence=want_confidence)
+        items += result["items"]
+        tasks[task.name] = {"strategy": task.strategy, "templates": result["templates"], **result["counts"]}
+    manifest = {"teacher": source, "license": decision, "sampling": _sampling(cfg), "filters": fc.model_dump(),
+                "tasks": tasks, "counts": {"accepted": len(items)}}
+    write_dataset(items, out, filters=fc, shard_size=gc.shard_size, manifest=manifest,
+                  systems={t.name: t.system for t in gc.tasks})
+    return out
+
+
+def _answer_prompts(cfg: Config, complete, *, source: dict, decision: dict) -> dict[str, Path]:
+    """generate.prompts (and eval_prompts): one answer per prompt, one jsonl per split."""
+    gc, run_dir = cfg.generate, Path(cfg.run.dir)
     jobs = {"train": (gc.prompts, gc.limit, Path(gc.output) if gc.output else run_dir / "data" / "train.jsonl")}
     if gc.eval_prompts:
         jobs["eval"] = (gc.eval_prompts, gc.eval_limit, run_dir / "data" / "eval.jsonl")
@@ -41,45 +111,26 @@ def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
         examples[split] = load_examples(path)[:limit]
         if not examples[split]:
             raise UserError(f"{path} holds no prompts")
-
-    if tc.backend == "http":
-        api_key = os.environ.get(tc.api_key_env) or None  # read here, passed on, never stored
-        model = tc.model or ChatClient(tc.base_url, api_key=api_key, api_key_env=tc.api_key_env,
-                                       timeout=tc.timeout_s, max_retries=tc.max_retries).served_model()
-
-        def answer(split_examples, out):
-            return generate_answers_http(
-                split_examples, out, base_url=tc.base_url, model=model, api_key=api_key,
-                api_key_env=tc.api_key_env, max_new_tokens=gc.max_new_tokens,
-                temperature=gc.temperature if gc.do_sample else 0.0, top_p=gc.top_p,
-                concurrency=tc.concurrency, timeout=tc.timeout_s, max_retries=tc.max_retries,
-                seed=cfg.train.seed, top_logprobs=gc.top_logprobs)
-        source = {"backend": "http", "base_url": tc.base_url, "model": model}
-    else:
-        teacher = teacher or load_teacher(cfg)
-
-        def answer(split_examples, out):
-            return generate_answers(teacher.model, teacher.tokenizer, split_examples, out,
-                                    max_new_tokens=gc.max_new_tokens, batch_size=gc.batch_size,
-                                    do_sample=gc.do_sample, temperature=gc.temperature, top_p=gc.top_p,
-                                    seed=cfg.train.seed)
-        source = {"backend": "local", "teacher": teacher.source.id, "license": teacher.license}
-
     outputs = {}
     for split, (_, _, out) in jobs.items():
-        outputs[split] = answer(examples[split], out)
-        _write_manifest(out, source=source, cfg=cfg, prompts=len(examples[split]))
+        outputs[split] = complete(examples[split], out)
+        _write_manifest(out, source=source, decision=decision, cfg=cfg, prompts=len(examples[split]))
     return outputs
 
 
-def _write_manifest(out: Path, *, source: dict, cfg: Config, prompts: int) -> None:
-    """OUT.manifest.json: who answered, how, and how many rows the file holds."""
+def _sampling(cfg: Config) -> dict:
     gc = cfg.generate
+    return {"do_sample": gc.do_sample, "temperature": gc.temperature if gc.do_sample else 0.0,
+            "top_p": gc.top_p, "max_new_tokens": gc.max_new_tokens, "seed": cfg.train.seed,
+            "top_logprobs": gc.top_logprobs, "batch_size": gc.batch_size}
+
+
+def _write_manifest(out: Path, *, source: dict, decision: dict, cfg: Config, prompts: int) -> None:
+    """OUT.manifest.json: who answered, how, under which licence, and how many rows the file holds."""
     manifest = {
         "teacher": source,
-        "sampling": {"do_sample": gc.do_sample, "temperature": gc.temperature if gc.do_sample else 0.0,
-                     "top_p": gc.top_p, "max_new_tokens": gc.max_new_tokens, "seed": cfg.train.seed,
-                     "top_logprobs": gc.top_logprobs},
+        "license": decision,
+        "sampling": _sampling(cfg),
         "prompts": prompts,
         "rows": len(done_ids(out)),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

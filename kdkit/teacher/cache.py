@@ -102,18 +102,29 @@ def _supervised_counts(labels: list[list[int]]) -> list[int]:
     return [sum(label != IGNORE for label in row[1:]) for row in labels]
 
 
-def _write_shard(model, data: TokenizedData, out_dir: Path, i: int, header: dict, *, batch_size: int) -> dict:
-    """Compute shard i, write it atomically, and return its manifest entry."""
+def local_rows(model, data: TokenizedData, header: dict, *, batch_size: int):
+    """`compute(first, last)` → ids (n, k), logprobs (n, k), tail (n,): the local teacher's rows for
+    examples [first, last), in `supervised_positions` order."""
+    device = next(model.parameters()).device
+
+    def compute(first: int, last: int):
+        parts = []
+        for start in range(first, last, batch_size):
+            rows = range(start, min(start + batch_size, last))
+            batch = collate([data.input_ids[r] for r in rows], [data.labels[r] for r in rows], pad_id=0)
+            batch = {key: v.to(device) for key, v in batch.items()}  # right padding: pad tokens never precede a row
+            parts.append(teacher_topk(model, batch, k=header["k"], temperature=header["temperature"],
+                                      vocab=header["vocab"]))
+        return tuple(torch.cat([p[j] for p in parts]) for j in range(3))  # (n, k), (n, k), (n,)
+
+    return compute
+
+
+def _write_shard(compute, data: TokenizedData, out_dir: Path, i: int, header: dict) -> dict:
+    """Compute shard i with `compute(first, last)`, write it atomically, and return its manifest entry."""
     first = i * header["shard_size"]
     last = min(first + header["shard_size"], header["num_examples"])
-    device = next(model.parameters()).device
-    parts = []
-    for start in range(first, last, batch_size):
-        rows = range(start, min(start + batch_size, last))
-        batch = collate([data.input_ids[r] for r in rows], [data.labels[r] for r in rows], pad_id=0)
-        batch = {key: v.to(device) for key, v in batch.items()}  # right padding: pad tokens never precede a row
-        parts.append(teacher_topk(model, batch, k=header["k"], temperature=header["temperature"], vocab=header["vocab"]))
-    ids, lp, tail = (torch.cat([p[j] for p in parts]) for j in range(3))  # (n, k), (n, k), (n,)
+    ids, lp, tail = compute(first, last)  # (n, k), (n, k), (n,)
     counts = _supervised_counts(data.labels[first:last])
     if ids.shape[0] != sum(counts):
         raise RuntimeError(f"shard {i}: {ids.shape[0]} teacher rows for {sum(counts)} supervised positions")
@@ -133,13 +144,14 @@ def _write_shard(model, data: TokenizedData, out_dir: Path, i: int, header: dict
 # ---------------------------------------------------------------- building, verifying, repairing
 
 
-def _header(model, data: TokenizedData, provenance: Provenance, *, k: int, temperature: float, vocab: int,
-            shard_size: int) -> dict:
+def make_header(data: TokenizedData, provenance: Provenance, *, k: int, temperature: float, vocab: int,
+                shard_size: int, weights: str, extra: dict | None = None) -> dict:
+    """The manifest minus its shard list; `weights` identifies the teacher's weights (a hash, or a
+    served model's identity), `extra` adds source-specific fields."""
     if not 1 <= k <= vocab:
         raise UserError(f"cache k={k} must be in 1..{vocab} (the vocabulary)")
     if shard_size < 1:
         raise UserError(f"cache shard_size={shard_size} must be >= 1")
-    weights = weights_hash(model)
     prov = dataclasses.replace(provenance, temperature=float(temperature), top_k=k,
                                teacher_revision=provenance.teacher_revision or weights)
     n = len(data.input_ids)
@@ -149,7 +161,7 @@ def _header(model, data: TokenizedData, provenance: Provenance, *, k: int, tempe
         "id_dtype": encoding.id_dtype(vocab).name, "bytes_per_token": encoding.bytes_per_token(k, vocab),
         "dataset_hash": dataset_hash(data), "num_examples": n,
         "num_tokens": sum(_supervised_counts(data.labels)), "shard_size": shard_size,
-        "num_shards": -(-n // shard_size),
+        "num_shards": -(-n // shard_size), **(extra or {}),
     }
 
 
@@ -166,7 +178,7 @@ def _good_entries(out_dir: Path, manifest: dict) -> dict[int, dict]:
     return good
 
 
-def _fill(model, data: TokenizedData, out_dir: Path, header: dict, good: dict[int, dict], *, batch_size: int,
+def _fill(compute, data: TokenizedData, out_dir: Path, header: dict, good: dict[int, dict], *,
           progress: bool) -> list[str]:
     """Write every shard not in `good`, rewriting the manifest after each; returns the files written."""
     for stale in out_dir.glob("*.tmp"):
@@ -176,7 +188,7 @@ def _fill(model, data: TokenizedData, out_dir: Path, header: dict, good: dict[in
     done = sum(e["count"] for e in good.values())
     bar = tqdm(total=header["num_examples"], initial=done, desc="cache", unit="ex", disable=not progress)
     for i in todo:
-        good[i] = _write_shard(model, data, out_dir, i, header, batch_size=batch_size)
+        good[i] = _write_shard(compute, data, out_dir, i, header)
         written.append(good[i]["file"])
         shards = [good[j] for j in sorted(good)]
         atomic_json(out_dir / MANIFEST, {**header, "shards": shards, "complete": len(good) == header["num_shards"]})
@@ -195,10 +207,17 @@ def build_cache(teacher_model, data: TokenizedData, out_dir: str | Path, *, k: i
     Resumes a killed build (finished shards kept after their checksum is checked) and redoes damaged
     shards of a finished one. Refuses an `out_dir` holding a cache built with other settings.
     """
+    header = make_header(data, provenance, k=k, temperature=temperature, vocab=vocab, shard_size=shard_size,
+                         weights=weights_hash(teacher_model))
+    compute = local_rows(teacher_model, data, header, batch_size=batch_size)
+    return build_with(compute, data, out_dir, header, progress=progress)
+
+
+def build_with(compute, data: TokenizedData, out_dir: str | Path, header: dict, *, progress: bool = True) -> dict:
+    """Any source's build: `compute(first, last)` gives the rows of examples [first, last). Keeps the
+    verified shards of an earlier build with the same header, refuses one with another."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = _header(teacher_model, data, provenance, k=k, temperature=temperature, vocab=vocab,
-                     shard_size=shard_size)
     good = {}
     if (out_dir / MANIFEST).exists():
         old = read_manifest(out_dir)
@@ -208,7 +227,7 @@ def build_cache(teacher_model, data: TokenizedData, out_dir: str | Path, *, k: i
             raise UserError(f"{out_dir} holds a cache built with other settings ({lines}). "
                             "Delete it or choose another output directory.")
         good = _good_entries(out_dir, old)
-    _fill(teacher_model, data, out_dir, header, good, batch_size=batch_size, progress=progress)
+    _fill(compute, data, out_dir, header, good, progress=progress)
     return read_manifest(out_dir)
 
 
@@ -236,6 +255,9 @@ def verify_cache(cache_dir: str | Path) -> list[CacheProblem]:
         name = _shard_name(i)
         if i not in listed:
             problems.append(CacheProblem(name, "not written yet (the build was interrupted; rerun it to resume)"))
+        elif listed[i].get("file") != name:  # never followed; named so a tampered manifest is noticed
+            problems.append(CacheProblem(name, f"the manifest names it {listed[i].get('file')!r} (a path outside "
+                                               "the cache is never followed); rebuild or repair the cache"))
         elif not (cache_dir / name).is_file():
             problems.append(CacheProblem(name, "missing"))
         elif sha256_file(cache_dir / name) != listed[i]["sha256"]:
@@ -256,8 +278,15 @@ def repair_cache(teacher_model, data: TokenizedData, cache_dir: str | Path, *, b
         raise UserError(f"{cache_dir} was built with another teacher (weights {manifest['weights_sha256']}, "
                         f"given {weights_hash(teacher_model)}): repair needs the same teacher")
     header = {key: v for key, v in manifest.items() if key not in ("shards", "complete")}
-    good = _good_entries(cache_dir, manifest)
-    return _fill(teacher_model, data, cache_dir, header, good, batch_size=batch_size, progress=progress)
+    return refill(local_rows(teacher_model, data, header, batch_size=batch_size), data, cache_dir, progress=progress)
+
+
+def refill(compute, data: TokenizedData, cache_dir: str | Path, *, progress: bool = True) -> list[str]:
+    """Any source's repair: recompute the shards that are missing or fail their checksum."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    header = {key: v for key, v in manifest.items() if key not in ("shards", "complete")}
+    return _fill(compute, data, cache_dir, header, _good_entries(cache_dir, manifest), progress=progress)
 
 
 # ---------------------------------------------------------------- reading

@@ -36,8 +36,11 @@ def done_ids(path: Path) -> set[str]:
 
 def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, *, max_new_tokens: int,
                      batch_size: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                     seed: int = 0) -> Path:
-    """Answer every example's prompt with `model`; write {"id", "messages"} lines to `out_path`."""
+                     seed: int = 0, top_logprobs: int = 0) -> Path:
+    """Answer every example's prompt with `model`; write {"id", "messages"} lines to `out_path`.
+
+    With `top_logprobs` k > 0 each line also holds "teacher_logprobs": per generated token
+    [token, logprob, [[alt, logprob] × k]] (the served backend's format), from the raw logits."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
     todo = [e for e in examples if e.id not in done]
@@ -61,17 +64,33 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
                     max_new_tokens=max_new_tokens, do_sample=do_sample,
                     temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
                     top_k=None, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                    output_logits=bool(top_logprobs), return_dict_in_generate=True,
                 )
-            answers = out[:, batch["input_ids"].shape[1] :]  # (B, new)
-            for example, row in zip(chunk, answers):
+            answers = out.sequences[:, batch["input_ids"].shape[1] :]  # (B, new)
+            for b, (example, row) in enumerate(zip(chunk, answers)):
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()
                 new_tokens += int((row != pad_id).sum())
-                f.write(answer_row(example, text))
+                extra = {"teacher_logprobs": _token_logprobs(out.logits, b, row, tokenizer, k=top_logprobs)
+                         } if top_logprobs else {}
+                f.write(answer_row(example, text, **extra))
             f.flush()
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
     return out_path
+
+
+def _token_logprobs(step_logits, b: int, row, tokenizer, *, k: int) -> list:
+    """Row b's generated tokens as [[token, logprob, [[alt, logprob] × k]], ...], up to its end of sequence."""
+    out = []
+    for t, token_id in enumerate(row.tolist()):
+        logprobs = torch.log_softmax(step_logits[t][b].float(), dim=-1)  # (V,) raw logits at step t
+        top = logprobs.topk(k)
+        out.append([tokenizer.decode([token_id]), float(logprobs[token_id]),
+                    [[tokenizer.decode([i]), float(v)] for v, i in zip(top.values.tolist(), top.indices.tolist())]])
+        if token_id == tokenizer.eos_token_id:  # the rest of the row is padding
+            break
+    return out
 
 
 def answer_row(example: Example, text: str, **extra) -> str:

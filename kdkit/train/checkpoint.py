@@ -96,6 +96,9 @@ def load_latest(root: Path, *, model, optimizer, scheduler) -> tuple[int, dict] 
     """Restore the newest whole checkpoint; returns (step, extra) or None when there is none."""
     for path in reversed(list_checkpoints(root)):
         problem = verify(path)
+        if problem and problem.startswith("unsafe file name"):  # tampering, not damage: stop, do not skip
+            raise UserError(f"refusing checkpoint {path}: {problem} (a path outside the checkpoint). "
+                            "Delete it or restore it from a trusted copy.")
         if problem:
             log.warning("checkpoint %s is damaged (%s); trying the previous one", path, problem)
             continue

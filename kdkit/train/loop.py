@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -23,10 +24,10 @@ from tqdm.auto import tqdm
 from kdkit.config import Config
 from kdkit.data.collate import batch_order, collate
 from kdkit.data.render import TokenizedData
-from kdkit.losses import distill_loss, forward_kl, fused_distill_loss, normalize, sparse_divergence
+from kdkit.losses import DIVERGENCES, distill_loss, forward_kl, fused_distill_loss, normalize, sparse_divergence
 from kdkit.models.forward import decoder_hidden, supervised_logits, supervised_positions
 from kdkit.signal import DenseSignal, SparseSignal
-from kdkit.train.checkpoint import load_latest, save_checkpoint
+from kdkit.train import dist as D
 from kdkit.train.metrics import MetricsWriter
 from kdkit.train.optim import build_optimizer
 
@@ -69,12 +70,20 @@ def trained_module(student, plugins: Plugins | None) -> torch.nn.Module:
 
 @dataclass
 class TrainResult:
+    """`student`: the trained student as a plain module (on rank 0; None on the other ranks of an
+    FSDP2 run); `main`: whether this process evaluates and saves (rank 0)."""
+
     steps: int
     resumed_from: int
     history: list[dict]
+    student: torch.nn.Module | None = None
+    main: bool = True
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: CUDA when there is one; under a launcher, each process takes the GPU of its LOCAL_RANK."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and D.env_world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -122,16 +131,20 @@ def micro_batches(data: TokenizedData, step: int, *, batch_size: int, grad_accum
 
 
 def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int, device, precision: str,
-               plugins: Plugins | None = None, step: int = 0):
+               plugins: Plugins | None = None, step: int = 0, dist: D.DistContext | None = None):
     """One optimizer step's forward/backward over its micro-batches; returns summed metrics.
 
-    Every micro-batch loss is normalised by the supervised-token count of the WHOLE step, so the
-    accumulated gradient equals the gradient of the full-batch mean (4×2 = 1×8).
+    Every micro-batch loss is normalised by the supervised-token count of the WHOLE step (all
+    micro-batches of all ranks), so the accumulated gradient, summed over ranks, equals the gradient
+    of the full-batch mean (4×2 = 1×8 = 2 ranks × 4). Metrics come back summed over ranks.
     """
     plugins = plugins or Plugins()
+    dist = dist or D.DistContext()
     if plugins.prepare is not None:  # before counting: a prepared batch may carry other labels
         batches = [plugins.prepare(b, step) for b in batches]
     num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    if dist.active:  # the global count: every rank's loss is its share of one mean
+        num_tokens = int(D.all_sum(dist, [num_tokens])[0])
     out = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0}
     lc = cfg.loss
     for batch in batches:
@@ -139,7 +152,7 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
         with autocast(device, precision):
             with torch.no_grad():
                 signal = signal_fn(batch)
-            if use_fused(lc, student, signal):
+            if use_fused(lc, student, signal, vocab=vocab):
                 parts, kl, agree = _fused_micro(student, batch, signal, lc, vocab=vocab, num_tokens=num_tokens)
             else:
                 s_logits, targets = supervised_logits(student, batch, vocab=vocab)  # (N, V), (N,)
@@ -154,43 +167,77 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
                 for name, value in values.items():
                     out[f"term/{name}"] = out.get(f"term/{name}", 0.0) + float(value.detach())
                     out[f"weight/{name}"] = float(weights[name])
-        total.backward()
+        scale = D.grad_scale(dist)
+        (total * scale if scale != 1.0 else total).backward()
         if kl is None:
             with torch.no_grad():
                 kl, agree = agreement(s_logits.detach(), signal, parts, lc, num_tokens)
         out["kl"] += kl
         out["top1"] += agree
+        for name, value in batch.get("log", {}).items():  # what training modes report (kdkit/train/modes.py)
+            out[f"mode/{name}"] = out.get(f"mode/{name}", 0.0) + value / len(batches)
         out["loss"] += float(total.detach())
         out["kd"] += float(parts.kd)
         out["ce"] += float(parts.ce)
         out["tokens"] += int(batch["attention_mask"].sum())
     out["top1"] /= max(num_tokens, 1)
     out["supervised_tokens"] = num_tokens
-    return out
+    return D.reduce_metrics(dist, out)
 
 
-def use_fused(lc, student, signal) -> bool:
-    """The fused path needs a dense teacher signal and a plain linear head (no logit softcapping)."""
+def use_fused(lc, student, signal, *, vocab: int | None = None) -> bool:
+    """Whether this micro-batch's loss runs fused (`loss.implementation=fused`, the default): chunked
+    from the student's hidden rows and lm_head, never its (N, V) logits. Where fused cannot apply,
+    the dense path runs instead and the reason is logged once."""
     if lc.implementation == "dense":
         return False
-    if getattr(student.config, "final_logit_softcapping", None) or not isinstance(signal, DenseSignal):
-        raise ValueError("loss.implementation=fused needs a dense (online) teacher signal and a model "
-                         "without final-logit softcapping; use loss.implementation=dense")
+    reason = fused_unsupported(lc, student, signal, vocab=vocab)
+    if reason is not None:
+        _log_once(f"loss.implementation=fused falls back to the dense loss: {reason}")
+        return False
     return True
+
+
+def fused_unsupported(lc, student, signal, *, vocab: int | None = None) -> str | None:
+    """Why the fused loss cannot serve this student and signal, or None when it can."""
+    if lc.divergence not in DIVERGENCES:
+        return f"divergence {lc.divergence!r} compares two vocabularies"
+    if getattr(getattr(student, "config", None), "final_logit_softcapping", None):
+        return "the student's head applies final-logit softcapping (not a plain linear head)"
+    head = getattr(student, "get_output_embeddings", lambda: None)()
+    weight = getattr(head, "weight", None)
+    if not isinstance(head, torch.nn.Linear) or type(weight) is not torch.nn.Parameter:
+        return "the student has no plain linear lm_head here (e.g. a sharded or wrapped head)"
+    if isinstance(signal, DenseSignal):
+        if vocab is not None and signal.logits.shape[-1] < vocab:
+            return f"the teacher's logits have {signal.logits.shape[-1]} columns, fewer than vocab={vocab}"
+        return None
+    if not isinstance(signal, SparseSignal):
+        return f"no fused loss for a {type(signal).__name__} teacher"
+    return None
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.warning(message)
 
 
 def _fused_micro(student, batch, signal, lc, *, vocab: int, num_tokens: int):
     """The loss from the student's hidden rows and lm_head, chunk by chunk: never (N, V) of the
-    student's logits. The progress metrics then come from the loss itself: KL is the KD term when
-    it is forward KL at T = 1 (else NaN) and top-1 agreement is not computed (NaN)."""
+    student's logits. The progress metrics (KL at T = 1, top-1 agreement count) come from the
+    same chunks (`metrics=True`), as `agreement` gives them on the dense path."""
     hidden = decoder_hidden(student, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
     mask, targets = supervised_positions(batch["labels"])
     head = student.get_output_embeddings()
     parts = fused_distill_loss(hidden[:, :-1][mask], head.weight, targets, teacher_logits=signal,
                                student_bias=head.bias, divergence=lc.divergence, temperature=lc.temperature,
-                               alpha=lc.alpha, num_tokens=num_tokens, vocab=vocab, **_div_kwargs(lc))
-    kl = float(parts.kd) if (lc.divergence == "forward_kl" and lc.temperature == 1) else math.nan
-    return parts, kl, math.nan
+                               alpha=lc.alpha, num_tokens=num_tokens, vocab=vocab, metrics=True,
+                               **_div_kwargs(lc))
+    return parts, float(parts.kl), float(parts.top1)
 
 
 def agreement(s_logits, signal, parts, lc, num_tokens: int) -> tuple[float, float]:
@@ -200,6 +247,8 @@ def agreement(s_logits, signal, parts, lc, num_tokens: int) -> tuple[float, floa
     """
     if lc.divergence == "forward_kl" and lc.temperature == 1:
         kl = parts.kd  # already this quantity
+    elif isinstance(signal, DenseSignal) and signal.logits.shape[-1] != s_logits.shape[-1]:
+        kl = math.nan  # cross-tokenizer: no KL across vocabularies (its loss is uld)
     elif isinstance(signal, SparseSignal):
         kl = normalize(sparse_divergence("forward_kl", s_logits, signal).sum(), num_tokens)
     else:
@@ -244,6 +293,8 @@ def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str])
     schedule untouched) or stops the run, as `train.nonfinite` says. Returns whether it stepped."""
     max_norm = tc.max_grad_norm if tc.max_grad_norm else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over every shard
+        grad_norm = grad_norm.full_tensor()
     m["grad_norm"], m["lr"] = float(grad_norm), sched.get_last_lr()[0]
     finite = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     if finite:
@@ -260,36 +311,41 @@ def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str])
 
 def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, run_dir: Path, vocab: int,
             pad_id: int, resume: bool = False, plugins: Plugins | None = None) -> TrainResult:
-    """Train `student` against `signal_fn` for cfg.train.max_steps optimizer steps."""
+    """Train `student` against `signal_fn` for cfg.train.max_steps optimizer steps (on every rank of
+    a torchrun / accelerate launch; rank 0 logs and its result carries the trained student)."""
     tc = cfg.train
     plugins = plugins or Plugins()
+    ctx = D.init(tc.distributed)
     device = pick_device(tc.device)
-    model = trained_module(student, plugins)  # student (+ projectors, learned weights)
+    runner = D.prepare_student(student, ctx, tc, device)
+    model = trained_module(runner, plugins)  # student (+ projectors, learned weights)
     model.to(device).train()
+    D.broadcast_params(ctx, model)
     opt, sched = build_optimizer(model, tc)
-    ckpt_dir = run_dir / "checkpoints"
-    save = partial(save_checkpoint, ckpt_dir, model=model, optimizer=opt, scheduler=sched,
-                   keep=tc.keep_checkpoints)
+    save, load = D.checkpointing(ctx, run_dir / "checkpoints", model=model, opt=opt, sched=sched,
+                                keep=tc.keep_checkpoints)
     start = 0
     if resume:
-        restored = load_latest(ckpt_dir, model=model, optimizer=opt, scheduler=sched)
+        restored = load()
         if restored is None:
-            log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
+            log.warning("--resume: no checkpoint in %s, starting from step 0", run_dir / "checkpoints")
         else:
             start = restored[0]
     else:
         torch.manual_seed(tc.seed)
-    writer = MetricsWriter(run_dir, start_step=start)
+    writer = MetricsWriter(run_dir, start_step=start) if ctx.main else None
     history, bad_in_a_row = [], 0
-    bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc="distill", unit="step")
+    bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc="distill", unit="step",
+               disable=not ctx.main)
     with Preemption() as preempt:
         for step in bar:
             t0 = time.perf_counter()
             batches = micro_batches(data, step, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
                                     seed=tc.seed, pad_id=pad_id)
-            m = train_step(student, batches, signal_fn, cfg, vocab=vocab, device=device, precision=tc.precision,
-                           plugins=plugins, step=step)
-            ids = [i for b in batches for i in b["ids"]]
+            ids = [i for b in batches for i in b["ids"]]  # the global step's examples
+            m = train_step(runner, [D.shard_batch(b, ctx) for b in batches], signal_fn, cfg, vocab=vocab,
+                           device=device, precision=tc.precision, plugins=plugins, step=step, dist=ctx)
+            D.sync_grads(ctx, model)
             stepped = optimizer_step(model, opt, sched, m, tc, step=step + 1, ids=ids)
             for hook in plugins.after_step:
                 hook(step + 1)
@@ -302,16 +358,20 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
             history.append(m)
             bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", top1=f"{m['top1']:.2f}",
                             tok_s=f"{m['tokens_per_s']:.0f}")
-            if (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps:
+            if writer and ((step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps):
                 writer.write(m)
-            if preempt.requested:
+            if D.any_rank(ctx, preempt.requested):
                 save(step + 1)
-                writer.close()
+                if writer:
+                    writer.close()
                 log.warning("preempted: checkpoint at step %d written; rerun with --resume", step + 1)
                 raise SystemExit(143)
             if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.max_steps:
                 save(step + 1)
     save(tc.max_steps)
-    writer.close()
+    if writer:
+        writer.close()
     model.eval()
-    return TrainResult(steps=tc.max_steps, resumed_from=start, history=history)
+    trained = D.plain_student(ctx, student, runner)
+    D.finish(ctx)  # from here rank 0 evaluates and saves alone
+    return TrainResult(steps=tc.max_steps, resumed_from=start, history=history, student=trained, main=ctx.main)

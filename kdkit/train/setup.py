@@ -13,6 +13,8 @@ from kdkit.data.render import TokenizedData, tokenize_examples
 from kdkit.data.sources import load_examples
 from kdkit.errors import UserError
 from kdkit.models import load as M
+from kdkit.models.license import describe as describe_license
+from kdkit.models.license import license_card_lines
 from kdkit.signal import Provenance
 
 log = logging.getLogger(__name__)
@@ -96,12 +98,16 @@ def save_student(student, tokenizer, out_dir: Path, *, card: str) -> Path:
 
 
 def model_card(*, teacher: Teacher, init: str, student_params: int, teacher_params: int, cfg: Config,
-               eval_table: str | None = None, steps: int | None = None) -> str:
+               eval_table: str | None = None, steps: int | None = None,
+               license_decision: dict | None = None) -> str:
+    """README.md of a saved student; the licence decision is the recipe's gate's (else recomputed)."""
     lc, tc = cfg.loss, cfg.train
+    decision = license_decision or describe_license(teacher.license, cfg.teacher)
     lines = [
         "---", f"license: {teacher.license}", "library_name: transformers", "tags: [kdkit, distillation]", "---",
         "", "# Student distilled with kdkit", "",
         f"- **Teacher:** `{teacher.source.id}` (licence: {teacher.license}), {teacher_params:,} parameters",
+        *license_card_lines(decision),
         f"- **Student initialisation:** {init}; {student_params:,} parameters "
         f"({student_params / teacher_params:.0%} of the teacher)",
         f"- **Objective:** {lc.divergence}, temperature {lc.temperature}, alpha {lc.alpha} "

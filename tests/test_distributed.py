@@ -1,0 +1,109 @@
+"""2 processes = 1 process: `kdkit distill` under torchrun (gloo, CPU) on tiny models.
+
+The global micro-batch is split between the ranks and every loss is normalised by the global
+supervised-token count, so a 2-process run follows the 1-process run step for step: the same loss
+curve and (ddp) the same final weights, up to float summation order. An FSDP2 run trains, gathers
+a plain saved student, and resumes from its sharded (DCP) checkpoint to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import chat_rows, write_jsonl
+from kdkit.config import load_config
+from kdkit.recipes import distill
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def dist_config(tmp_path_factory, tiny_teacher) -> Path:
+    """Batch 4 × accumulation 2 per step (global); fp32, no held-out eval: just the training."""
+    root = tmp_path_factory.mktemp("dist")
+    cfg = {
+        "teacher": {"path": str(tiny_teacher)},
+        "student": {"init": "config", "path": str(tiny_teacher),  # random init: a loss far from 0
+                    "config_overrides": {"num_hidden_layers": 2}},
+        "data": {"train": str(write_jsonl(root / "train.jsonl", chat_rows(24))), "max_length": 64},
+        "train": {"max_steps": STEPS, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 1,
+                  "threads": 1, "precision": "fp32", "save_every": 0},
+    }
+    path = root / "dist.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(dist_config, tmp_path_factory) -> Path:
+    """The reference: the same config in this (single) process."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    distill.run(load_config(dist_config, [f"run.dir={run_dir}"]))
+    return run_dir
+
+
+def torchrun(config: Path, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kdkit.cli", "distill", str(config), *overrides, *(["--resume"] if resume else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "student" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, *, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def test_ddp_two_processes_equal_one(dist_config, one_process, tmp_path):
+    run_dir = tmp_path / "ddp"
+    torchrun(dist_config, f"run.dir={run_dir}", "train.distributed=ddp")
+    ref, got = losses(one_process), losses(run_dir)
+    assert list(got) == list(range(1, STEPS + 1))  # rank 0 alone logs: one line per step
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    assert got[STEPS] < 0.9 * got[1]  # it learns
+    assert_same_weights(weights(one_process), weights(run_dir), atol=2e-5)
+    assert (run_dir / "student" / "README.md").is_file() and (run_dir / "config.yaml").is_file()
+
+
+def test_fsdp2_trains_and_resumes_from_sharded_checkpoint(dist_config, one_process, tmp_path):
+    whole = tmp_path / "fsdp"
+    torchrun(dist_config, f"run.dir={whole}", "train.distributed=fsdp2", "train.save_every=2",
+             "train.keep_checkpoints=3")
+    ref, got = losses(one_process), losses(whole)
+    for step in ref:  # sharded, the student follows the same curve
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), step
+    ckpt = whole / "checkpoints" / "step-00000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["extra"]["sharded"] and any(n.endswith(".distcp") for n in meta["sha256"])
+    assert_same_weights(weights(one_process), weights(whole), atol=1e-4)
+
+    resumed = tmp_path / "resumed"  # a run that stopped after step 2, resumed at the same world size
+    shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
+    torchrun(dist_config, f"run.dir={resumed}", "train.distributed=fsdp2", "train.save_every=2", resume=True)
+    assert list(losses(resumed)) == list(range(3, STEPS + 1))
+    for step in range(3, STEPS + 1):
+        assert losses(resumed)[step] == pytest.approx(losses(whole)[step], rel=1e-6)
+    assert_same_weights(weights(whole), weights(resumed), atol=1e-6)
