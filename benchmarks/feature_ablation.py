@@ -11,6 +11,7 @@ one process (machines are shared: compare ratios, not absolute times). Defaults 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import statistics
 import tempfile
 import time
@@ -18,8 +19,10 @@ from importlib.resources import files
 from pathlib import Path
 
 from kdkit.config import load_config
+from kdkit.eval.retention import evaluate_models
+from kdkit.models.load import head_rows, load_model, resolve, shared_vocab_size
 from kdkit.recipes import distill
-from kdkit.train.setup import load_teacher
+from kdkit.train.setup import build_student, load_teacher, tokenize_file
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
 
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train", type=Path, default=DATA / "smollm2_answers.jsonl")
     ap.add_argument("--eval", type=Path, default=DATA / "smollm2_heldout.jsonl")
+    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N held-out rows only")
     ap.add_argument("--distance", default="cosine", help="features.hidden.distance")
     ap.add_argument("--position", default="pre", help="features.hidden.position (pre|post)")
     ap.add_argument("--hidden-layers", type=int, default=2)
@@ -56,33 +60,43 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=0.5, help="attention weight γ")
     args = ap.parse_args()
     preset = Path(str(files("kdkit") / "configs" / "quickstart.yaml"))
-    rows, teacher, before = [], None, None
     t_all = time.perf_counter()
+    students, step_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, extra) in enumerate(modes(args)):
-            over = [f"run.dir={tmp}/{i}", f"data.train={args.train}", f"data.eval={args.eval}",
-                    f"data.max_length={args.max_length}", f"train.max_steps={args.steps}",
-                    f"train.batch_size={args.batch_size}", f"train.threads={args.threads}", "train.save_every=0",
-                    f"train.warmup_steps={min(10, args.steps // 5)}", f"eval.student_before={i == 0}", *extra]
-            cfg = load_config(preset, over)
-            teacher = teacher or load_teacher(cfg)
+            over = [f"run.dir={tmp}/{i}", f"data.train={args.train}", f"data.max_length={args.max_length}",
+                    f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
+                    f"train.threads={args.threads}", "train.save_every=0",
+                    f"train.warmup_steps={min(10, args.steps // 5)}", *extra]
+            cfg = load_config(preset, over)  # no data.eval: every student is evaluated below, in one teacher pass
+            if not students:
+                teacher = load_teacher(cfg)
+                held_out = tokenize_file(str(args.eval), teacher.tokenizer, cfg, key="data.eval")
+                if args.eval_limit:
+                    n = args.eval_limit
+                    held_out = replace(held_out, ids=held_out.ids[:n], input_ids=held_out.input_ids[:n],
+                                       labels=held_out.labels[:n])
+                students["student before"] = build_student(cfg, teacher)[0].eval()
             res = distill.run(cfg, teacher=teacher)
-            m = res["metrics"]
-            before = before or m.get("student_before")
-            step_s = statistics.median(h["tokens"] / h["tokens_per_s"] for h in res["history"])  # robust to noise
-            rows.append((name, m["student_after"]["kl_to_teacher"], m["student_after"]["ce"], step_s))
-            teacher_ce = m["teacher"]["ce"]
+            students[name] = load_model(resolve(str(res["student_dir"]))).eval()
+            step_s[name] = statistics.median(h["tokens"] / h["tokens_per_s"] for h in res["history"])  # robust to noise
+    vocab = shared_vocab_size(teacher.tokenizer, teacher.tokenizer, head_rows(teacher.model),
+                              head_rows(students["student before"]))
+    metrics = evaluate_models(students, teacher.model, held_out, vocab=vocab, pad_id=teacher.tokenizer.pad_token_id,
+                              batch_size=8)
+    rows = [(name, metrics[name]["kl_to_teacher"], metrics[name]["ce"], step_s[name]) for name in step_s]
+    teacher_ce, before = metrics["teacher"]["ce"], metrics["student before"]
     base_kl, base_ce, base_s = rows[0][1], rows[0][2], rows[0][3]
     print(f"\n{args.steps} steps each, batch {args.batch_size}, max_length {args.max_length}, {args.threads} threads; "
           f"hidden: {args.distance} ({args.position}-norm, {args.hidden_layers} pairs, β={args.beta}); attention: "
           f"{args.attention_loss} ({args.attention_layers} pairs, γ={args.gamma}); weighting {args.weighting}")
-    print(f"held-out ({args.eval.name}): teacher CE {teacher_ce:.3f}; student before KL "
-          f"{before['kl_to_teacher']:.3f}, CE {before['ce']:.3f}")
+    print(f"held-out ({args.eval.name}, {metrics['teacher']['eval_tokens']} tokens): teacher CE {teacher_ce:.3f}; "
+          f"student before KL {before['kl_to_teacher']:.3f}, CE {before['ce']:.3f}")
     print("| mode | held-out KL | / logits only | held-out CE | / logits only | median s/step | vs logits only |")
     print("|---|---|---|---|---|---|---|")
-    for name, kl, ce, step_s in rows:
-        print(f"| {name} | {kl:.3f} | {kl / base_kl:.3f} | {ce:.3f} | {ce / base_ce:.3f} | {step_s:.2f} | "
-              f"{step_s / base_s:.2f}x |")
+    for name, kl, ce, secs in rows:
+        print(f"| {name} | {kl:.3f} | {kl / base_kl:.3f} | {ce:.3f} | {ce / base_ce:.3f} | {secs:.2f} | "
+              f"{secs / base_s:.2f}x |")
     print(f"total wall time {time.perf_counter() - t_all:.0f} s")
 
 

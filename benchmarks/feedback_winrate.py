@@ -1,7 +1,7 @@
 """Feedback distillation (issue 9): does DPO on the teacher's preferences make the student better?
 
     nice -n 5 python benchmarks/feedback_winrate.py [--teacher smollm2-135m-instruct] [--layers 10]
-        [--distill-steps 40] [--train-prompts 48] [--samples 4] [--steps 30] [--heldout 32]
+        [--distill-steps 30] [--train-prompts 24] [--samples 4] [--steps 20] [--heldout 16]
 
 1. student: `--layers` of the teacher's layers, distilled briefly (`kdkit distill`, forward KL) on
    configs/data/smollm2_answers.jsonl when --distill-steps > 0;
@@ -64,23 +64,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default="smollm2-135m-instruct")
     ap.add_argument("--layers", type=int, default=10)
-    ap.add_argument("--distill-steps", type=int, default=40)
-    ap.add_argument("--train-prompts", type=int, default=48)
+    ap.add_argument("--distill-steps", type=int, default=30)
+    ap.add_argument("--train-prompts", type=int, default=24)
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--heldout", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--heldout", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=4, help="pairs per DPO step")
+    ap.add_argument("--max-length", type=int, default=256, help="tokens per prompt + answer")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a crowded machine)")
     ap.add_argument("--run-dir", default=None, help="keep outputs here (default: a temporary directory)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="kdkit-feedback-"))
     base = {"run": {"dir": str(run_dir / "distill")}, "teacher": {"path": args.teacher},
             "student": {"init": "teacher_layers", "num_layers": args.layers},
-            "data": {"train": str(DATA / "smollm2_answers.jsonl"), "max_length": 256},
+            "data": {"train": str(DATA / "smollm2_answers.jsonl"), "max_length": args.max_length},
             "train": {"max_steps": max(args.distill_steps, 1), "batch_size": 4, "lr": 5e-4, "warmup_steps": 4,
-                      "save_every": 0, "precision": "fp32"},
+                      "save_every": 0, "precision": "fp32", "threads": args.threads},
             "eval": {"student_before": False, "batch_size": 8}}
     teacher = load_teacher(build_config(base))
     student_path = None
@@ -90,7 +93,8 @@ def main() -> None:
     pref = {**base, "run": {"dir": str(run_dir / "dpo")},
             "student": {"init": "pretrained", "path": student_path} if student_path else base["student"],
             "data": {**base["data"], "eval": str(DATA / "smollm2_heldout.jsonl")},
-            "train": {**base["train"], "max_steps": args.steps, "lr": args.lr, "warmup_steps": 3, "min_lr_ratio": 1.0},
+            "train": {**base["train"], "max_steps": args.steps, "lr": args.lr, "warmup_steps": 3, "min_lr_ratio": 1.0,
+                      "batch_size": args.batch_size},
             "eval": {**base["eval"], "limit": args.heldout},
             "preference": {"limit": args.train_prompts, "samples_per_prompt": args.samples, "beta": args.beta,
                            "max_new_tokens": args.max_new_tokens, "temperature": 1.0}}
@@ -105,7 +109,7 @@ def main() -> None:
     after = load_model(resolve(str(out["student_dir"])))
     held = load_examples(DATA / "smollm2_heldout.jsonl")[: args.heldout]
     judge = LocalTeacher(teacher.model, teacher.tokenizer, scorer="loglik", template="", judge_max_new_tokens=1,
-                         max_length=512)
+                         max_length=args.max_length)
     answers = {name: greedy_answers(m, tok, held, max_new_tokens=args.max_new_tokens)
                for name, m in (("before", before), ("after", after))}
     scores = {name: [judge.scores(prompt_messages(e), [a])[0] for e, a in zip(held, texts)]
@@ -118,7 +122,7 @@ def main() -> None:
     print(f"\nteacher {args.teacher}; student {args.layers} teacher layers"
           f"{f', distilled {args.distill_steps} steps' if student_path else ' (not distilled)'}; "
           f"{fb['num_pairs']} pairs from {args.train_prompts} prompts × {args.samples} samples; "
-          f"DPO {args.steps} steps, beta {args.beta}, lr {args.lr}; {len(held)} held-out prompts\n")
+          f"DPO {args.steps} steps × {args.batch_size} pairs, beta {args.beta}, lr {args.lr}; {len(held)} held-out prompts\n")
     print("| student | teacher loglik/token (held-out answers) | KL(teacher‖student) held-out | "
           "answer words | distinct bigrams | train pair margin | train pair acc |")
     print("|---|---|---|---|---|---|---|")

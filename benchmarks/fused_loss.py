@@ -1,14 +1,16 @@
 """Fused chunked distillation loss vs dense baselines, side by side, each case in a fresh subprocess.
 
-    python benchmarks/fused_loss.py                                  # the full grid (slow on 2 cores)
-    python benchmarks/fused_loss.py --n 1024 --v 49152 --teacher-h 576 --repeats 3
+    python benchmarks/fused_loss.py                                  # the full grid (hours on 2 cores)
+    python benchmarks/fused_loss.py --quick                          # N=1024, V=49152, H_t=576 only
+    python benchmarks/fused_loss.py --n 8192 --v 49152 --teacher-h 576 --repeats 3
 
 For every (N, V, teacher H) it runs, each in its own process (so peak memory is its own):
   floor          the four fp32 matmuls alone (teacher forward, student forward, gᵀ·h, g·W), in
                  row blocks of <= 2048 rows: the roofline every time is compared with
   dense          kdkit distill_loss on full (N, V) logits, forward + backward (the baseline: 1.00)
   trl            TRL-style dense generalized JSD (GKDTrainer.generalized_jsd_loss), JSD only
-  liger          Liger-Kernel's LigerFusedLinearJSDLoss (compiled, chunk 1024), JSD only
+  liger          Liger-Kernel's LigerFusedLinearJSDLoss (compiled, chunk 1024): JSD, and forward KL
+                 as its beta = 0 case; Liger has no reverse/skew KL or TVD
   fused          kdkit fused_distill_loss, eager chunk step
   fused_c        the same, compiled chunk step (compiled=True)
   fused_c_bf16   compiled, bf16 matmuls with fp32 accumulation (matmul_dtype=torch.bfloat16)
@@ -16,7 +18,9 @@ Time is the median of --repeats runs after one warm-up (compilation excluded); m
 peak RSS growth (ru_maxrss) over the inputs, after the warm-up. `/dense` is the time ratio to
 `dense` of the same divergence (separate processes); `/floor` is the ratio to the matmul floor
 timed interleaved with the method in the same process (robust to load drift on a shared machine).
-GFLOP/s counts 2·N·V·(H_t + 3·H) per forward + backward.
+GFLOP/s counts 2·N·V·(H_t + 3·H) per forward + backward. A case whose estimated memory exceeds 85%
+of the available RAM is not run: "skipped (would need ~X GB)". After each shape, `jsd/kl` is each
+method's JSD time over its forward-KL time (the issue's target: <= 1.2 for fused).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import sys
 import time
 
 METHODS = ["floor", "dense", "trl", "liger", "fused", "fused_c", "fused_c_bf16"]
-JSD_ONLY = {"trl", "liger"}
+ONLY = {"trl": {"jsd"}, "liger": {"jsd", "forward_kl"}}  # divergences a baseline has
+QUICK = dict(n=[1024], v=[49152], teacher_h=[576])
 
 
 def _rss_mb() -> float:
@@ -69,7 +74,7 @@ def _trl_generalized_jsd(student_logits, teacher_logits, labels, beta=0.5, tempe
     return jsd[mask].sum() / mask.sum()
 
 
-def _runner(method: str, divergence: str, hs, ws, hts, wt, labels):
+def _runner(method: str, divergence: str, hs, ws, hts, wt, labels, chunk_size=None):
     """A zero-argument callable doing one forward + backward of `method`."""
     import torch
 
@@ -99,7 +104,8 @@ def _runner(method: str, divergence: str, hs, ws, hts, wt, labels):
     if method == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=True)
+        beta = 0.0 if divergence == "forward_kl" else 0.5  # Liger's beta = 0 is KL(teacher ‖ student)
+        fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=True)
 
         def run():
             hs.grad = ws.grad = None
@@ -107,7 +113,8 @@ def _runner(method: str, divergence: str, hs, ws, hts, wt, labels):
         return run
     from kdkit.losses import fused_distill_loss
 
-    opts = dict(compiled=method != "fused", matmul_dtype=torch.bfloat16 if method.endswith("bf16") else None)
+    opts = dict(compiled=method != "fused", matmul_dtype=torch.bfloat16 if method.endswith("bf16") else None,
+                chunk_size=chunk_size)
 
     def run():
         hs.grad = ws.grad = None
@@ -123,7 +130,7 @@ def worker(case: dict) -> dict:
     torch.manual_seed(0)
     inputs = _inputs(case["n"], case["v"], case["h"], case["ht"])
     base = _rss_mb()
-    run = _runner(case["method"], case["divergence"], *inputs)
+    run = _runner(case["method"], case["divergence"], *inputs, chunk_size=case.get("chunk"))
     t0 = time.perf_counter()
     run()  # warm-up (and compilation)
     warm = time.perf_counter() - t0
@@ -153,11 +160,25 @@ def _spawn(case: dict, timeout: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _dense_fits(n: int, v: int) -> bool:
-    """Dense autograd keeps ~10 fp32 (N, V) tensors; skip what cannot fit in available memory."""
+def _needs_gb(method: str, case: dict) -> float:
+    """A generous estimate of a case's peak memory in GB (inputs, weights, gradients, temporaries)."""
+    from kdkit.losses.fused import auto_chunk_size
+
+    n, v, h, ht = case["n"], case["v"], case["h"], case["ht"]
+    fixed = 4 * (n * (h + ht) + v * (2 * h + ht) + n * h)  # inputs, weights, their gradients
+    rows = {"dense": 10 * n, "trl": 14 * n, "liger": 10 * min(n, 1024), "floor": 2 * min(n, 2048)}
+    chunk = case.get("chunk") or auto_chunk_size(v)
+    return (fixed + 4 * v * rows.get(method, 10 * min(n, chunk))) / 1e9
+
+
+def _fits(method: str, case: dict) -> str | None:
+    """None when the case fits 85% of the available memory, else the skip message."""
     import psutil
 
-    return 10 * n * v * 4 < 0.8 * psutil.virtual_memory().available
+    need = _needs_gb(method, case)
+    if need < 0.85 * psutil.virtual_memory().available / 1e9:
+        return None
+    return f"skipped (would need ~{need:.0f} GB)"
 
 
 def _row(case: dict, res: dict, dense: dict) -> str:
@@ -172,6 +193,26 @@ def _row(case: dict, res: dict, dense: dict) -> str:
             f"{flops / res['time'] / 1e9:8.1f}")
 
 
+def _shape_cases(args, shape: dict):
+    """(method, divergence) pairs of one shape, in print order: the floor, then per divergence."""
+    cases = [("floor", "-")] if "floor" in args.methods else []
+    for div in args.divergence:
+        for method in [m for m in args.methods if m != "floor"]:
+            if div in ONLY.get(method, {div}):
+                cases.append((method, div))
+    return cases
+
+
+def _jsd_over_kl(results: dict) -> str:
+    """Each method's JSD time over its forward-KL time, where both ran."""
+    out = []
+    for method in METHODS:
+        kl, js = results.get((method, "forward_kl"), {}), results.get((method, "jsd"), {})
+        if "time" in kl and "time" in js:
+            out.append(f"{method} {js['time'] / kl['time']:.2f}x")
+    return "      jsd/kl time: " + (", ".join(out) or "-")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 8192])
@@ -181,33 +222,30 @@ def main(argv=None) -> None:
     p.add_argument("--divergence", nargs="+", default=["forward_kl", "jsd"])
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per case")
+    p.add_argument("--chunk-size", type=int, default=None, help="fused rows per chunk (default: automatic)")
+    p.add_argument("--quick", action="store_true", help="only N=1024, V=49152, H_t=576 (minutes, not hours)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per case")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.quick:
+        args.n, args.v, args.teacher_h = QUICK["n"], QUICK["v"], QUICK["teacher_h"]
     print(f"{'N':>5} {'V':>6} {'H_t':>4} {'divergence':<10} {'method':<12} {'time_s':>8} {'/dense':>7} "
           f"{'/floor':>7} {'peak_MB':>9} {'mem/dense':>7} {'GFLOP/s':>8}", flush=True)
     for n in args.n:
         for v in args.v:
             for ht in args.teacher_h:
-                shape = dict(n=n, v=v, h=args.h, ht=ht, repeats=args.repeats)
-                if "floor" in args.methods:
-                    floor = _spawn(dict(shape, method="floor", divergence="-"), args.timeout)
-                    print(_row(dict(shape, method="floor", divergence="-"), floor, {}), flush=True)
-                for div in args.divergence:
-                    dense = {}
-                    for method in [m for m in args.methods if m != "floor"]:
-                        if method in JSD_ONLY and div != "jsd":
-                            continue
-                        case = dict(shape, method=method, divergence=div)
-                        if method in ("dense", "trl") and not _dense_fits(n, v):
-                            res = {"error": "skipped: ~10 (N, V) fp32 tensors exceed available memory"}
-                        else:
-                            res = _spawn(case, args.timeout)
-                        dense = res if method == "dense" else dense
-                        print(_row(case, res, dense), flush=True)
+                shape = dict(n=n, v=v, h=args.h, ht=ht, repeats=args.repeats, chunk=args.chunk_size)
+                results = {}
+                for method, div in _shape_cases(args, shape):
+                    case = dict(shape, method=method, divergence=div)
+                    skip = _fits(method, case)
+                    res = {"error": skip} if skip else _spawn(case, args.timeout)
+                    results[(method, div)] = res
+                    print(_row(case, res, results.get(("dense", div), {})), flush=True)
+                print(_jsd_over_kl(results), flush=True)
 
 
 if __name__ == "__main__":

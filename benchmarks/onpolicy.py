@@ -26,12 +26,15 @@ DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--eval-limit", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 helps on a crowded machine)")
     ap.add_argument("--fraction", type=float, default=0.5, help="λ of the on-policy run")
+    ap.add_argument("--lr", type=float, default=None, help="peak lr (default: the quickstart's)")
+    ap.add_argument("--divergence", default="reverse_kl")
     args = ap.parse_args()
     preset = Path(str(files("kdkit") / "configs" / "quickstart.yaml"))
     rows = []
@@ -41,9 +44,11 @@ def main() -> None:
             over = [f"run.dir={tmp}/{len(rows)}", f"data.train={DATA / 'smollm2_answers.jsonl'}",
                     f"data.eval={DATA / 'smollm2_heldout.jsonl'}", f"data.max_length={args.max_length}",
                     f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", "train.save_every=0",
-                    "train.warmup_steps=3", "loss.divergence=reverse_kl", f"eval.limit={args.eval_limit}",
+                    "train.warmup_steps=3", f"loss.divergence={args.divergence}", f"eval.limit={args.eval_limit}",
                     "eval.speed=false", f"modes.onpolicy.fraction={fraction}",
                     f"modes.onpolicy.max_new_tokens={args.max_new_tokens}"]
+            over += [f"train.threads={args.threads}"] if args.threads else []
+            over += [f"train.lr={args.lr}"] if args.lr else []
             cfg = load_config(preset, over)
             teacher = teacher or load_teacher(cfg)
             res = distill.run(cfg, teacher=teacher)
@@ -51,7 +56,7 @@ def main() -> None:
             share = statistics.mean(h.get("mode/on_policy", 0.0) for h in res["history"])
             rows.append((name, res["metrics"], step_s, share))
     start = rows[0][1]["student_before"]
-    print(f"\n{args.steps} steps each, reverse KL, batch {args.batch_size}; held-out {start['eval_tokens']} tokens; "
+    print(f"\n{args.steps} steps each, {args.divergence}, lr {cfg.train.lr}, batch {args.batch_size}; held-out {start['eval_tokens']} tokens; "
           "KL(teacher ‖ student) dense fp32")
     print("| student | held-out KL | / off-policy | held-out CE | on-policy share | median s/step |")
     print("|---|---|---|---|---|---|")

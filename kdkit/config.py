@@ -360,7 +360,8 @@ class PreferenceConfig(Section):
         "loglik", description="how the teacher scores answers: loglik = its mean log-prob per answer token "
                               "(local teacher); judge = it grades each answer with judge_template (local or http)")
     judge_template: str | None = Field(
-        None, description="judge prompt file with {prompt} and {answer} (default: kdkit/assets/templates/judge.txt)")
+        None, description="judge prompt: a built-in template name or a Jinja2 file using {{ prompt }} and "
+                           "{{ answer }} (null: kdkit/assets/templates/judge.jinja)")
     judge_max_new_tokens: int = Field(16, ge=1, description="judge: tokens the teacher may write before its score")
     teacher_pairs: bool = Field(True, description="also pair the teacher's answer (chosen) with the worst student answer")
     min_margin: float = Field(0.0, ge=0.0, description="keep a student-vs-student pair only when the scores differ by more")

@@ -222,7 +222,9 @@ def hidden_loss(name, s, t, mask, num_tokens):
     s, t = s.double(), t.double()
     keep = [i for i in range(s.shape[0]) if mask[i]]
     if name == "mmd":
-        total = len(keep) * mmd2([s[i] for i in keep], [t[i] for i in keep]) if keep else torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64)
+        if keep:
+            total = len(keep) * mmd2([s[i] for i in keep], [t[i] for i in keep])
     else:
         total = sum((_row_distance(name, s[i], t[i]) for i in keep), torch.zeros((), dtype=torch.float64))
     return total / max(num_tokens, 1)

@@ -70,7 +70,7 @@ def test_hidden_identical_rows_give_zero(distance):
     x = s.float().requires_grad_()
     loss = hidden_loss(x, s.float(), distance=distance, num_tokens=6)
     loss.backward()
-    assert abs(float(loss)) < 1e-6
+    assert abs(loss.item()) < 1e-6
     assert torch.isfinite(x.grad).all() and x.grad.abs().max() < 1e-5
 
 
@@ -97,7 +97,7 @@ def test_attention_all_masked_and_identical(loss):
     out.backward()
     assert out.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
     same = attention_loss(s, s.detach(), loss=loss, heads="map", num_tokens=5)
-    assert abs(float(same)) < 1e-6
+    assert abs(same.item()) < 1e-6
 
 
 def test_head_map_refuses_indivisible_heads():
@@ -115,7 +115,7 @@ def test_uniform_layer_pairs_follow_relative_depth():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_computed_attention_maps_equal_eager_output_attentions(padded):
-    model = tiny_llama(vocab_size=40, num_layers=2, num_heads=4, num_kv_heads=2, seed=3).eval()  # GQA: 2 per KV head
+    model = tiny_llama(vocab_size=40, num_layers=2, num_heads=4, num_kv_heads=2, seed=3).eval()  # GQA: 2 per KV
     ids = torch.randint(4, 40, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 9, dtype=torch.long)
     if padded:
@@ -123,7 +123,7 @@ def test_computed_attention_maps_equal_eager_output_attentions(padded):
     hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
     before = hooks()
     cap = FeatureCapture(model, attention_layers=[0, 1])
-    assert hooks() == before + 6 and model.config._attn_implementation == "sdpa"  # the maps are not returned on this path
+    assert hooks() == before + 6 and model.config._attn_implementation == "sdpa"  # sdpa: no maps returned
     with torch.no_grad(), cap.recording():
         model(input_ids=ids, attention_mask=mask)
     ours = [cap.attention_probs(i) for i in (0, 1)]
@@ -223,7 +223,7 @@ def test_distill_with_hidden_attention_and_uncertainty_weights(tiny_config, tiny
     over = ["student.init=config", f"student.path={tiny_teacher}",  # narrower, fewer heads: projector + head map
             "student.config_overrides={num_hidden_layers: 2, hidden_size: 16, intermediate_size: 32, "
             "num_attention_heads: 2, num_key_value_heads: 1, head_dim: 8}",
-            "train.max_steps=8", "train.save_every=0", "eval.student_before=false",
+            "train.max_steps=8", "train.save_every=0",
             "features.hidden.weight=1.0", "features.hidden.distance=cosine", "features.hidden.projector=orthogonal",
             "features.attention.weight=0.5", "features.attention.heads=map", "features.weighting=uncertainty"]
     cfg = load_config(tiny_config, over)
@@ -235,7 +235,8 @@ def test_distill_with_hidden_attention_and_uncertainty_weights(tiny_config, tiny
         assert all(key in r and r[key] == r[key] for r in rows), key  # present and not NaN, every step
     assert rows[-1]["weight/hidden"] != rows[0]["weight/hidden"]  # log-variances learned
     assert rows[-1]["term/hidden"] < rows[0]["term/hidden"]  # the student (and projector) learn the teacher's states
-    assert out["metrics"]["student_after"]["kl_to_teacher"] < out["metrics"]["teacher"]["kl_to_teacher"] + 10
+    kl = {name: m["kl_to_teacher"] for name, m in out["metrics"].items()}
+    assert kl["student_after"] < kl["student_before"]  # it distils: held-out KL falls
     with safe_open(str(run_dir / "student" / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert keys and all(k.startswith(("model.", "lm_head.")) for k in keys)  # the student only

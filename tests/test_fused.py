@@ -179,8 +179,8 @@ def test_bf16_inputs_and_bf16_matmuls():
 
 
 def test_chunk_size_is_chosen_from_the_memory_budget():
-    assert auto_chunk_size(49152) == 168  # 256 MiB / (49152 · 4 B · 8 temporaries) = 170, rounded down to 8s
-    assert auto_chunk_size(151936) == 48
+    assert auto_chunk_size(49152) == 336  # 512 MiB / (49152 · 4 B · 8 temporaries) = 341, rounded down to 8s
+    assert auto_chunk_size(151936) == 104
     assert auto_chunk_size(V, memory_budget_bytes=1) == 1
     assert auto_chunk_size(V, memory_budget_bytes=5 * V * 4 * 8) == 5  # under 8 rows: not rounded
     assert auto_chunk_size(V, memory_budget_bytes=DEFAULT_MEMORY_BUDGET) >= N

@@ -31,6 +31,7 @@ from kdkit.teacher.elicit import run_task
 from kdkit.teacher.generate import answer_row
 
 from conftest import write_jsonl
+from test_http_teacher import serve  # noqa: F401  (the fault-injecting server fixture)
 
 QUESTIONS = ["What is 12 + 7?", "What is 9 * 6?", "What is (3 + 5) * 2?", "Name a colour."]
 DEMOS = [{"prompt": f"demo question {i}?", "completion": f"demo answer {i}."} for i in range(4)]
@@ -137,8 +138,10 @@ def test_permissive_and_unknown_licences_pass():
 
 def scripted(prompt: str) -> str:
     """A deterministic 'teacher' for the strategies' plumbing."""
-    if "Write one new task" in prompt:
+    if "Write one new question" in prompt:
         n = sum(map(ord, prompt)) % 7
+        if n % 2:  # a preamble line, then a labelled question: read without JSON
+            return f"Here is a new question:\nQuestion: new question {n} from demos?"
         return "demo question 0?" if n == 0 else json.dumps({"input": f"new question {n} from demos?"})
     if "Topic:" in prompt:
         topic = prompt.split("Topic:")[1].splitlines()[0].strip()
@@ -348,3 +351,18 @@ def test_a_stage_resumed_with_other_prompts_is_refused(tmp_path):
     task.instruction = "A new instruction."  # the template now renders other prompts for the same ids
     with pytest.raises(UserError, match="t.answers.jsonl holds answers to other prompts"):
         run_task(task, complete=scripted_complete, stage_dir=tmp_path / "s", seed=0, want_confidence=False)
+
+
+def test_tasks_through_a_served_teacher(tmp_path, serve):
+    srv = serve(["503"])  # one retryable fault on the way
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"prompt": q} for q in QUESTIONS])
+    cfg = build_config({"run": {"dir": str(tmp_path / "run")},
+                        "teacher": {"backend": "http", "base_url": srv.url, "max_retries": 2, "timeout_s": 5},
+                        "generate": {"tasks": [{"name": "served", "inputs": str(questions), "count": 3}]}})
+    out = generate.run(cfg)["train"]
+    rows = [r for r in map(json.loads, (out / "shard-00000.jsonl").open())]
+    assert [r["id"] for r in rows] == ["served-00000", "served-00001", "served-00002"]
+    assert rows[0]["messages"][-1]["content"] == f"answer to: {QUESTIONS[0]}"  # the labelling template, no demos
+    manifest = read_manifest(out)
+    assert manifest["teacher"]["backend"] == "http" and manifest["license"]["status"] == "unknown"
+    assert manifest["tasks"]["served"]["accepted"] == 3

@@ -10,7 +10,6 @@ so accumulated gradients equal the full-batch gradient (MMD aside: see `mmd_rows
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .reduce import masked_row_mean, masked_sum, normalize
@@ -53,7 +52,8 @@ def l1_rows(s: Tensor, t: Tensor) -> Tensor:
 
 
 def l2_rows(s: Tensor, t: Tensor) -> Tensor:
-    """Euclidean distance ‖s − t‖₂; exactly 0 with a zero gradient where s == t (sqrt's slope is infinite at 0)."""
+    """Euclidean distance ‖s − t‖₂; exactly 0 with a zero gradient where s == t (sqrt's slope is
+    infinite at 0, so the double `where` keeps it out of the graph)."""
     sq = (s - t).pow(2).sum(-1)  # (N,)
     positive = sq > 0
     return torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)

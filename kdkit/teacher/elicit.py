@@ -27,6 +27,7 @@ What the teacher wrote is read by the task's parser; every rejected item is coun
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -58,7 +59,7 @@ class Stages:
     def __call__(self, stage: str, prompts: dict[str, str], *, top_logprobs: int = 0) -> dict[str, dict]:
         """{id: {"text", "logprobs"}} for every id of `prompts` (id → the user message sent)."""
         path = self.stage_dir / f"{self.task}.{stage}.jsonl"
-        self._check_prompts(path, prompts)
+        self._check_prompts(path, prompts, top_logprobs=top_logprobs)
         examples = [Example(id=i, messages=[{"role": "user", "content": p}]) for i, p in prompts.items()]
         if examples:
             self.complete(examples, path, top_logprobs=top_logprobs)
@@ -68,14 +69,17 @@ class Stages:
         return {i: rows[i] for i in prompts}
 
     @staticmethod
-    def _check_prompts(path: Path, prompts: dict[str, str]) -> None:
-        """A resumed stage must have been asked the same prompts (same templates, inputs, demonstrations)."""
+    def _check_prompts(path: Path, prompts: dict[str, str], *, top_logprobs: int) -> None:
+        """A resumed stage must have been asked the same prompts (same templates, inputs, demonstrations),
+        with log-probs when they are wanted now."""
         stale = [row["id"] for row in _rows(path)
-                 if row["id"] in prompts and row["messages"][0]["content"] != prompts[row["id"]]]
+                 if row["id"] in prompts and (row["messages"][0]["content"] != prompts[row["id"]]
+                                              or (top_logprobs and "teacher_logprobs" not in row))]
         if stale:
             raise UserError(f"{path} holds answers to other prompts for {len(stale)} ids (e.g. {stale[0]}): the "
-                            "task's templates, inputs or demonstrations changed since it was written. Delete "
-                            "that file to regenerate the stage, or use a new run.dir.")
+                            "task's templates, inputs or demonstrations changed since it was written (or log-probs "
+                            "are wanted now and it has none). Delete that file to regenerate the stage, or use a "
+                            "new run.dir.")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -158,19 +162,25 @@ def _write_inputs(task, template, demos, stages, rejected: Counter, *, seed: int
             rejected["input: unreadable"] += 1
         elif text.strip().lower() in known:
             rejected["input: copies a demonstration"] += 1
+        elif len(text) > 20 and text.strip().lower() in prompts[key].lower():
+            rejected["input: copies the prompt"] += 1  # the instruction echoed back, not a new input
         else:
             seeds.append(Seed(key, text))
     return seeds
 
 
+_LABEL = re.compile(r"^(new |the )?(task|question|instruction|input)\s*\d*\s*[:.-]\s*", re.I)
+
+
 def _read_input(text: str, *, field: str) -> str | None:
-    """A written input: the JSON field when there is one, else the first non-empty line (quotes, bullets cut)."""
+    """A written input: the JSON field when there is one, else the first line that is not a preamble
+    ("Here is a task:") — bullets, quotes and a leading "Question:" label cut."""
     parsed = P.parse_json(text, field=field)
     if parsed.ok:
         return parsed.value
     for line in (text or "").splitlines():
-        line = line.strip().lstrip("-*•").strip().strip('"').strip()
-        if line and not line.startswith(("{", "```")):
+        line = _LABEL.sub("", line.strip().lstrip("-*•").strip()).strip().strip('"').strip()
+        if line and not line.endswith(":") and not line.startswith(("{", "```", "}")):
             return line
     return None
 

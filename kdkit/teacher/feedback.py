@@ -3,8 +3,8 @@
 Two scorers:
 - `loglik`: the teacher's mean log-probability per answer token (chat-rendered after the prompt,
   as training data is); needs the teacher's weights here (teacher.backend=local).
-- `judge`: the teacher grades each answer with a prompt template (`{prompt}`, `{answer}`) and the
-  score is parsed from its reply ("Score: 7"); works with a local teacher or an OpenAI-compatible
+- `judge`: the teacher grades each answer with a Jinja2 template (`{{ prompt }}`, `{{ answer }}`;
+  built-in: kdkit/assets/templates/judge.jinja) and the score is parsed from its reply ("Score: 7"); works with a local teacher or an OpenAI-compatible
   server (teacher.backend=http). An unparseable reply scores None and that answer is left out.
 
 Output, one line per prompt, appended and flushed as each prompt is done (the resumable part):
@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import re
-from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +32,7 @@ from kdkit.data.sources import Example
 from kdkit.errors import UserError
 from kdkit.models.sequence import id_seed, mean_logps, sample_completions
 from kdkit.teacher.generate import done_ids, prompt_messages
+from kdkit.teacher.prompts import Template, load_template
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +43,21 @@ LEADING_NUMBER = re.compile(r"^\s*\**\s*(\d+(?:\.\d+)?)\b")
 # ---------------------------------------------------------------- the judge prompt
 
 
-def load_judge_template(path: str | None) -> str:
-    """The judge prompt (the packaged one when `path` is None); it must hold {prompt} and {answer}."""
-    if path is None:
-        return (files("kdkit") / "assets" / "templates" / "judge.txt").read_text()
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"preference.judge_template: {p} does not exist")
-    text = p.read_text()
-    missing = [k for k in ("{prompt}", "{answer}") if k not in text]
+def load_judge_template(ref: str | None) -> Template:
+    """The judge prompt: a built-in name or a Jinja2 file (default: judge); it must use prompt and answer."""
+    template = load_template(ref or "judge", where="preference.judge_template")
+    probe = template.render(prompt="\x00PROMPT", answer="\x00ANSWER")
+    missing = [f"{{{{ {k} }}}}" for k in ("prompt", "answer") if f"\x00{k.upper()}" not in probe]
     if missing:
-        raise UserError(f"preference.judge_template {p} lacks {' and '.join(missing)}: the judge needs both")
-    return text
+        raise UserError(f"preference.judge_template {template.path} lacks {' and '.join(missing)}: "
+                        "the judge needs both")
+    return template
 
 
-def judge_messages(template: str, prompt: list[dict], answer: str) -> list[dict]:
+def judge_messages(template: Template, prompt: list[dict], answer: str) -> list[dict]:
     """One user turn: the template with the request (its user/system turns) and the answer filled in."""
     request = "\n".join(m["content"] for m in prompt if m["role"] != "assistant")
-    return [{"role": "user", "content": template.replace("{prompt}", request).replace("{answer}", answer)}]
+    return [{"role": "user", "content": template.render(prompt=request, answer=answer)}]
 
 
 def parse_score(text: str) -> float | None:
@@ -75,7 +72,8 @@ def parse_score(text: str) -> float | None:
 class LocalTeacher:
     """Scores and answers with the teacher's weights here."""
 
-    def __init__(self, model, tokenizer, *, scorer: str, template: str, judge_max_new_tokens: int, max_length: int):
+    def __init__(self, model, tokenizer, *, scorer: str, template: Template | None, judge_max_new_tokens: int,
+                 max_length: int):
         self.model, self.tok, self.scorer = model, tokenizer, scorer
         self.template, self.judge_max_new_tokens, self.max_length = template, judge_max_new_tokens, max_length
 
@@ -113,7 +111,7 @@ class LocalTeacher:
 class HttpTeacher:
     """Scores (judge only) and answers through an OpenAI-compatible server (`kdkit.teacher.http.ChatClient`)."""
 
-    def __init__(self, client, *, model: str, template: str, judge_max_new_tokens: int):
+    def __init__(self, client, *, model: str, template: Template, judge_max_new_tokens: int):
         self.client, self.model_name = client, model
         self.template, self.judge_max_new_tokens = template, judge_max_new_tokens
 

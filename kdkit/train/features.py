@@ -53,10 +53,11 @@ class FeatureKD:
         fc = self.fc = cfg.features
         ls, lt = len(decoder_layers(student)), len(decoder_layers(teacher))
         hid, att = fc.hidden, fc.attention
+        depth = {"student_layers": ls, "teacher_layers": lt}
         self.hidden_pairs, self.hidden_weights = (
-            layer_pairs(hid, student_layers=ls, teacher_layers=lt, key="features.hidden") if hid.weight > 0 else ([], []))
+            layer_pairs(hid, key="features.hidden", **depth) if hid.weight > 0 else ([], []))
         self.attn_pairs, self.attn_weights = (
-            layer_pairs(att, student_layers=ls, teacher_layers=lt, key="features.attention") if att.weight > 0 else ([], []))
+            layer_pairs(att, key="features.attention", **depth) if att.weight > 0 else ([], []))
         if self.attn_pairs and att.heads == "map":
             _check_heads(student, teacher)
         self.teacher_cap = FeatureCapture(teacher, hidden_layers=[t for _, t in self.hidden_pairs],

@@ -4,17 +4,18 @@ Shapes come from the model configs alone (models are built on the meta device: p
 are exact, no weights are read). Per device, with W processes (fsdp2 divides the student's
 weights, gradients and AdamW state by W and gathers one layer at a time):
 
-    student weights  4·P_s            fp32 master weights
-    gradients        4·P_trainable
-    AdamW state      8·P_trainable    exp_avg + exp_avg_sq
-    teacher weights  b_t·P_t          online teacher only (frozen, no grads, no optimizer state)
-    activations      b·T·L·(c_h·H + c_i·I + c_a·heads·T)·4   saved for backward (checkpointing: b·T·L·H·4 + one layer)
-    logits           dense: ~6 fp32 (N, V) tensors; fused: the teacher's (N, V) + ~8 (chunk, V)
-    runtime          a fixed allowance for the framework's own workspace
+    persistent       student weights 4·P_s (fp32 master), AdamW state 8·P_train, teacher weights 4·P_t
+                     (online teacher only: frozen, no grads, no optimizer state), a runtime allowance
+    gradients        4·P_train: persistent under accumulation; else alive from backward to the step
+    forward/backward activations b·T·L·(c_h·H + c_i·I + c_a·heads·T)·4 (checkpointing: b·T·L·H·4 +
+                     one layer), the teacher's forward, logits (dense: ~6 fp32 (N, V); fused: the
+                     teacher's (N, V) ×2 + ~8 (chunk, V)), and the head's gradient (written first)
+    optimizer step   AdamW's (foreach=False) ~2 temporaries of the largest parameter
 
-with b the per-device micro-batch, T the tokens per example, N = b·T supervised rows (an upper
-bound). The activation coefficients are those of a Llama-style block in eager fp32 training; the
-benchmark `benchmarks/plan_vs_measured.py` checks the total against measured peak RSS.
+The peak is the persistent parts plus the larger of the two phases (zero_grad frees the gradients,
+backward frees the activations). b is the per-device micro-batch, T the tokens per example and N
+the supervised rows. The activation coefficients are those of a Llama-style block in eager fp32;
+`benchmarks/plan_vs_measured.py` compares the estimate with measured peak RSS on CPU runs.
 """
 
 from __future__ import annotations
@@ -45,23 +46,42 @@ class Shapes:
     layers: int
     heads: int
     vocab: int
+    largest: int  # elements of the biggest parameter tensor (the embedding, usually)
+
+
+STEP_PARTS = ("optimizer step",)  # alive only while AdamW steps
+PASS_PARTS = ("activations", "teacher forward", "logits", "head gradient")  # alive only in forward/backward
 
 
 @dataclass
 class MemoryPlan:
+    """Bytes per device by part. Persistent parts add up; the forward/backward parts and the
+    optimizer step's temporaries are never alive together, so the peak takes the larger phase."""
+
     parts: dict[str, int]
     batch_size: int  # global micro-batch it was made for
     world: int
     chunk_size: int | None
+    step_parts: tuple[str, ...] = STEP_PARTS
     notes: list[str] = field(default_factory=list)
 
     @property
+    def phase_peak(self) -> int:
+        return max(sum(self.parts.get(k, 0) for k in PASS_PARTS), sum(self.parts.get(k, 0) for k in self.step_parts))
+
+    @property
     def total(self) -> int:
-        return sum(self.parts.values())
+        persistent = sum(v for k, v in self.parts.items() if k not in PASS_PARTS + self.step_parts)
+        return persistent + self.phase_peak
 
     def table(self) -> str:
-        rows = [f"| {name} | {v / GIB:.3f} GiB |" for name, v in self.parts.items()]
-        return "\n".join(["| per device | bytes |", "| --- | --- |", *rows, f"| **total** | **{self.total / GIB:.3f} GiB** |"])
+        def phase(name):
+            return (" (forward/backward)" if name in PASS_PARTS else
+                    " (optimizer step)" if name in self.step_parts else "")
+
+        rows = [f"| {name}{phase(name)} | {v / GIB:.3f} GiB |" for name, v in self.parts.items()]
+        return "\n".join(["| per device | bytes |", "| --- | --- |", *rows,
+                          f"| **peak** (persistent + the larger phase) | **{self.total / GIB:.3f} GiB** |"])
 
 
 def shapes_of(hf_config) -> Shapes:
@@ -74,7 +94,8 @@ def shapes_of(hf_config) -> Shapes:
     layers = model.get_decoder().layers
     return Shapes(params=params, layer_params=sum(p.numel() for p in layers[0].parameters()),
                   hidden=hf_config.hidden_size, intermediate=getattr(hf_config, "intermediate_size", 4 * hf_config.hidden_size),
-                  layers=hf_config.num_hidden_layers, heads=hf_config.num_attention_heads, vocab=hf_config.vocab_size)
+                  layers=hf_config.num_hidden_layers, heads=hf_config.num_attention_heads, vocab=hf_config.vocab_size,
+                  largest=max(p.numel() for p in model.parameters()))
 
 
 def model_configs(cfg: Config):
@@ -106,12 +127,14 @@ def activation_bytes(s: Shapes, *, rows: int, seq: int, checkpointing: bool) -> 
     return per_layer * s.layers
 
 
-def plan_memory(cfg: Config, *, world: int = 1, seq_len: int | None = None, teacher: Shapes | None = None,
-                student: Shapes | None = None, trainable: int | None = None) -> MemoryPlan:
+def plan_memory(cfg: Config, *, world: int = 1, seq_len: int | None = None, supervised: float | None = None,
+                teacher: Shapes | None = None, student: Shapes | None = None,
+                trainable: int | None = None) -> MemoryPlan:
     """Peak bytes per device of `kdkit distill` with `cfg` on `world` processes.
 
-    `seq_len`: tokens per example (default data.max_length, an upper bound); `trainable`: trained
-    parameters (default: all of the student's; LoRA: the adapters')."""
+    `seq_len`: tokens per example (default data.max_length, an upper bound); `supervised`: supervised
+    tokens per example (default seq_len); `trainable`: trained parameters (default: all of the
+    student's; LoRA: the adapters')."""
     tc = cfg.train
     if tc.batch_size % world:
         raise UserError(f"train.batch_size={tc.batch_size} (global) does not divide among {world} devices")
@@ -119,7 +142,8 @@ def plan_memory(cfg: Config, *, world: int = 1, seq_len: int | None = None, teac
         t_cfg, s_cfg = model_configs(cfg)
         teacher, student = teacher or shapes_of(t_cfg), student or shapes_of(s_cfg)
     b, seq = tc.batch_size // world, seq_len or cfg.data.max_length
-    rows, vocab = b * seq, min(teacher.vocab, student.vocab)  # (N, V) with N an upper bound
+    rows = int(b * (supervised or seq))  # N of the (N, V) logits per device
+    vocab = min(teacher.vocab, student.vocab)
     trainable = student.params if trainable is None else trainable
     shard = world if tc.distributed == "fsdp2" else 1
     online = cfg.teacher.signal == "online"
@@ -129,7 +153,7 @@ def plan_memory(cfg: Config, *, world: int = 1, seq_len: int | None = None, teac
         "AdamW state": 8 * trainable // shard,
         "teacher weights": 4 * teacher.params if online else 0,
         "activations": activation_bytes(student, rows=b, seq=seq, checkpointing=tc.gradient_checkpointing),
-        "teacher forward": rows * (4 * teacher.hidden + 2 * teacher.intermediate) * 4 if online else 0,
+        "teacher forward": b * seq * (4 * teacher.hidden + 2 * teacher.intermediate) * 4 if online else 0,
     }
     chunk = None
     fused = cfg.loss.implementation == "fused" and online
@@ -138,8 +162,14 @@ def plan_memory(cfg: Config, *, world: int = 1, seq_len: int | None = None, teac
         parts["logits"] = rows * vocab * 4 * 2 + chunk * vocab * 4 * _TEMPORARIES  # teacher (N, V) + its softmax
     else:
         parts["logits"] = rows * vocab * 4 * (DENSE_LOGITS if online else 3)
+    # AdamW (foreach=False) makes ~2 temporaries of each parameter in turn: the largest one counts
+    parts["optimizer step"] = 2 * 4 * (student.largest if trainable == student.params else 0) // shard
+    # backward writes the head's gradient first, while the logits and activations are still alive
+    parts["head gradient"] = 4 * student.vocab * student.hidden // shard if trainable == student.params else 0
     parts["runtime"] = RUNTIME_BYTES
-    return MemoryPlan(parts=parts, batch_size=tc.batch_size, world=world, chunk_size=chunk)
+    # zero_grad(set_to_none): without accumulation the gradients live only from backward to the step
+    step_parts = STEP_PARTS + (("gradients",) if tc.grad_accum == 1 else ())
+    return MemoryPlan(parts=parts, batch_size=tc.batch_size, world=world, chunk_size=chunk, step_parts=step_parts)
 
 
 def suggest(cfg: Config, *, device_bytes: int, world: int = 1, seq_len: int | None = None,
