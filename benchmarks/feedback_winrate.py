@@ -2,6 +2,9 @@
 
     nice -n 5 python benchmarks/feedback_winrate.py [--teacher smollm2-135m-instruct] [--layers 10]
         [--distill-steps 30] [--train-prompts 24] [--samples 4] [--steps 20] [--heldout 16]
+        [--threads 1] [--student DIR] [--teacher-pairs-only]
+
+(run from the repository root; on a crowded machine --threads 1 is several times faster than 2.)
 
 1. student: `--layers` of the teacher's layers, distilled briefly (`kdkit distill`, forward KL) on
    configs/data/smollm2_answers.jsonl when --distill-steps > 0;
@@ -75,6 +78,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per DPO step")
     ap.add_argument("--max-length", type=int, default=256, help="tokens per prompt + answer")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a crowded machine)")
+    ap.add_argument("--teacher-pairs-only", action="store_true", help="no best-vs-worst student pairs")
+    ap.add_argument("--student", default=None, help="start from this student directory (no distillation)")
     ap.add_argument("--run-dir", default=None, help="keep outputs here (default: a temporary directory)")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -86,8 +91,8 @@ def main() -> None:
                       "save_every": 0, "precision": "fp32", "threads": args.threads},
             "eval": {"student_before": False, "batch_size": 8}}
     teacher = load_teacher(build_config(base))
-    student_path = None
-    if args.distill_steps > 0:
+    student_path = args.student
+    if args.distill_steps > 0 and not student_path:
         student_path = str(distill.run(build_config(base), teacher=teacher)["student_dir"])
     t_distill = time.perf_counter() - t0
     pref = {**base, "run": {"dir": str(run_dir / "dpo")},
@@ -97,7 +102,8 @@ def main() -> None:
                       "batch_size": args.batch_size},
             "eval": {**base["eval"], "limit": args.heldout},
             "preference": {"limit": args.train_prompts, "samples_per_prompt": args.samples, "beta": args.beta,
-                           "max_new_tokens": args.max_new_tokens, "temperature": 1.0}}
+                           "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
+                           "student_pairs": not args.teacher_pairs_only}}
     fb = feedback.run(build_config(pref), teacher=teacher)
     t_feedback = time.perf_counter() - t0 - t_distill
     out = dpo.run(build_config(pref), teacher=teacher)
@@ -120,8 +126,8 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
 
     print(f"\nteacher {args.teacher}; student {args.layers} teacher layers"
-          f"{f', distilled {args.distill_steps} steps' if student_path else ' (not distilled)'}; "
-          f"{fb['num_pairs']} pairs from {args.train_prompts} prompts × {args.samples} samples; "
+          f"{f' from {student_path}' if student_path else ' (not distilled)'}; "
+          f"{fb['num_pairs']} {'teacher-vs-student ' if args.teacher_pairs_only else ''}pairs from {args.train_prompts} prompts × {args.samples} samples; "
           f"DPO {args.steps} steps × {args.batch_size} pairs, beta {args.beta}, lr {args.lr}; {len(held)} held-out prompts\n")
     print("| student | teacher loglik/token (held-out answers) | KL(teacher‖student) held-out | "
           "answer words | distinct bigrams | train pair margin | train pair acc |")

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from importlib.resources import files
@@ -46,7 +47,9 @@ def timed(name: str, fn, out: Path, tokenizer, prompts: int) -> dict:
     fn(out)
     seconds = time.perf_counter() - t0
     tokens = count_tokens(out, tokenizer)
-    return {"backend": name, "prompts": prompts, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+    row = {"backend": name, "prompts": prompts, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+    print(f"measured: {row}", flush=True)  # kept even if a later row is cut short
+    return row
 
 
 def has_vllm() -> bool:
@@ -66,15 +69,19 @@ def start_vllm(model_dir: Path, log_path: Path, *, timeout: float):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited ({proc.returncode}): {log_path.read_text()[-2000:]}")
-        try:
-            if requests.get(f"{url}/models", timeout=5).ok:
-                return proc, url, time.monotonic() - t0
-        except requests.RequestException:
-            pass
-        time.sleep(2)
+    try:
+        while time.monotonic() - t0 < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited ({proc.returncode}): {log_path.read_text()[-2000:]}")
+            try:
+                if requests.get(f"{url}/models", timeout=5).ok:
+                    return proc, url, time.monotonic() - t0
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+    except BaseException:  # interrupted while waiting (SIGTERM, Ctrl-C): never leave the server behind
+        stop(proc)
+        raise
     stop(proc)
     raise TimeoutError(f"vLLM did not answer in {timeout:.0f} s")
 
@@ -100,6 +107,8 @@ def main() -> None:
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    # `timeout` sends SIGTERM: exit through the finally blocks, so a starting vLLM server is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -364,6 +364,8 @@ class PreferenceConfig(Section):
                            "{{ answer }} (null: kdkit/assets/templates/judge.jinja)")
     judge_max_new_tokens: int = Field(16, ge=1, description="judge: tokens the teacher may write before its score")
     teacher_pairs: bool = Field(True, description="also pair the teacher's answer (chosen) with the worst student answer")
+    student_pairs: bool = Field(True, description="pair the student's best answer (chosen) with its worst; off: only "
+                                                   "teacher-vs-student pairs (a likelihood scorer favours repetitive answers)")
     min_margin: float = Field(0.0, ge=0.0, description="keep a student-vs-student pair only when the scores differ by more")
     beta: float = Field(0.1, gt=0.0, description="dpo: strength of the implicit KL to the reference (DPO's beta)")
     loss: Literal["sigmoid"] = Field("sigmoid", description="dpo loss: sigmoid = -log σ(β·margin) (TRL's default)")

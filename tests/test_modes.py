@@ -198,24 +198,27 @@ def other_teacher(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("other"), num_layers=2, hidden_size=32, seed=7)
 
 
-@pytest.mark.parametrize("combine", ["confidence", "sum"])
-def test_a_teacher_with_weight_zero_has_no_effect(tmp_path, tiny_teacher, other_teacher, combine):
-    def student_after(extra_weight: float, sub: str):
+def test_a_teacher_with_weight_zero_has_no_effect(tmp_path, tiny_teacher, other_teacher):
+    def params(out):
+        return torch.nn.utils.parameters_to_vector(_load_student(out["student_dir"]).parameters())
+
+    def run(sub: str, combine: str, extra_weight: float):
         cfg = mode_config(tmp_path / sub, tiny_teacher, "multi_teacher", f"modes.teachers.combine={combine}",
                           "modes.teachers.weight=1.0", "eval.limit=1")
         cfg.modes.teachers.extra[0].path, cfg.modes.teachers.extra[0].weight = str(other_teacher), extra_weight
         out = distill.run(cfg)
-        return out, torch.nn.utils.parameters_to_vector(_load_student(out["student_dir"]).parameters())
+        return out, params(out)
 
-    zero, p_zero = student_after(0.0, "zero")
-    solo_cfg = mode_config(tmp_path / "solo", tiny_teacher, "multi_teacher", "modes.teachers.extra=[]", "eval.limit=1")
-    p_solo = torch.nn.utils.parameters_to_vector(_load_student(distill.run(solo_cfg)["student_dir"]).parameters())
-    # equal up to float noise (Adam turns last-bit gradient differences into ~1e-5 moves)
-    torch.testing.assert_close(p_zero, p_solo, rtol=0, atol=1e-4)
-    _, p_half = student_after(1.0, "half")
+    solo = mode_config(tmp_path / "solo", tiny_teacher, "multi_teacher", "modes.teachers.extra=[]", "eval.limit=1")
+    p_solo = params(distill.run(solo))
+    for combine, key in (("confidence", "mode/teacher1_weight"), ("sum", "term/teacher1")):
+        out, p_zero = run(f"zero-{combine}", combine, 0.0)
+        # equal up to float noise (Adam turns last-bit gradient differences into ~1e-5 moves)
+        torch.testing.assert_close(p_zero, p_solo, rtol=0, atol=1e-4)
+        assert out["history"][0][key] == 0.0  # its contribution is logged (and is 0)
+    out, p_half = run("half-sum", "sum", 1.0)
     assert (p_half - p_solo).abs().max() > 1e-3  # the same teacher with weight > 0 does change the student
-    key = "mode/teacher1_weight" if combine == "confidence" else "term/teacher1"
-    assert key in zero["history"][0]
+    assert out["history"][0]["term/teacher1"] > 0
 
 
 def _load_student(path):
@@ -381,7 +384,7 @@ def test_cross_tokenizer_gemma_teaches_smollm2(tmp_path):
     data = Path(__file__).resolve().parents[1] / "configs" / "data" / "smollm2_answers.jsonl"
     cfg = load_config(MODES / "cross_tokenizer.yaml", [  # teacher: Gemma 3 270M; student: SmolLM2-135M
         f"run.dir={tmp_path / 'run'}", f"data.train={data}", "data.max_length=48",
-        "train.max_steps=8", "train.batch_size=2", "train.lr=2e-4", "train.threads=2"])
+        "train.max_steps=6", "train.batch_size=2", "train.lr=2e-4", "train.threads=1"])
     out = distill.run(cfg)
     kd = [h["kd"] for h in out["history"]]
     assert all(h["mode/aligned_fraction"] > 0.3 for h in out["history"])

@@ -195,6 +195,7 @@ def test_judge_scores_pairs_through_a_served_teacher():
     pairs = make_pairs(row)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("b", "a"), ("t", "a")]
     assert make_pairs({**row, "scores": [5.0, 5.0, None]}, min_margin=0.0)[0]["source"] == "teacher-student"
+    assert [p["source"] for p in make_pairs(row, student_pairs=False)] == ["teacher-student"]
 
 
 def test_local_judge_renders_the_template_and_parses_each_reply(tiny_teacher):

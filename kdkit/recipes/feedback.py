@@ -72,7 +72,7 @@ def run(cfg: Config, *, teacher=None) -> dict:
     out = default_pairs_path(cfg)
     scored = score_prompts(examples, scored_path_for(out), sample_fn=sample_fn, teacher=judge, scorer=pc.scorer,
                            teacher_pairs=pc.teacher_pairs, max_new_tokens=pc.max_new_tokens)
-    num_pairs = write_pairs(scored, out, min_margin=pc.min_margin)
+    num_pairs = write_pairs(scored, out, min_margin=pc.min_margin, student_pairs=pc.student_pairs)
     _write_manifest(out, cfg=cfg, source=source, student=init, template=template, prompts=len(examples),
                     scored_rows=len(done_ids(scored)), num_pairs=num_pairs)
     return {"pairs": out, "scored": scored, "num_pairs": num_pairs}
@@ -88,7 +88,7 @@ def _write_manifest(out: Path, *, cfg: Config, source: dict, student: str, templ
         "judge_template": {"ref": template.ref, "sha256": template.sha256} if template else None,
         "sampling": {"samples_per_prompt": pc.samples_per_prompt, "temperature": pc.temperature, "top_p": pc.top_p,
                      "max_new_tokens": pc.max_new_tokens, "seed": cfg.train.seed},
-        "teacher_pairs": pc.teacher_pairs, "min_margin": pc.min_margin,
+        "teacher_pairs": pc.teacher_pairs, "student_pairs": pc.student_pairs, "min_margin": pc.min_margin,
         "prompts": prompts, "scored_rows": scored_rows, "pairs": num_pairs,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -171,7 +171,7 @@ def score_prompts(examples: list[Example], out_path: Path, *, sample_fn: Callabl
 # ---------------------------------------------------------------- pairs
 
 
-def make_pairs(row: dict, *, min_margin: float = 0.0) -> list[dict]:
+def make_pairs(row: dict, *, min_margin: float = 0.0, student_pairs: bool = True) -> list[dict]:
     """A scored row → best-vs-worst student pair, and teacher-vs-worst when the row has a teacher answer."""
     scored = [(s, a) for s, a in zip(row["scores"], row["answers"]) if s is not None and a.strip()]
     if not scored:
@@ -179,7 +179,7 @@ def make_pairs(row: dict, *, min_margin: float = 0.0) -> list[dict]:
     best = max(scored, key=lambda x: x[0])
     worst = min(scored, key=lambda x: x[0])  # the first of equal scores, so ties are deterministic
     pairs = []
-    if best[0] - worst[0] > min_margin and best[1] != worst[1]:
+    if student_pairs and best[0] - worst[0] > min_margin and best[1] != worst[1]:
         pairs.append({"id": f"{row['id']}:best-worst", "prompt": row["prompt"], "chosen": best[1],
                       "rejected": worst[1], "scores": {"chosen": best[0], "rejected": worst[0]},
                       "source": "student-student", "scorer": row["scorer"]})
@@ -191,11 +191,11 @@ def make_pairs(row: dict, *, min_margin: float = 0.0) -> list[dict]:
     return pairs
 
 
-def write_pairs(scored_path: Path, pairs_path: Path, *, min_margin: float = 0.0) -> int:
+def write_pairs(scored_path: Path, pairs_path: Path, *, min_margin: float = 0.0, student_pairs: bool = True) -> int:
     """Rewrite `pairs_path` (atomically) from the scored rows; returns the number of pairs."""
     rows = [json.loads(line) for line in scored_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows.sort(key=lambda r: r["id"])  # resumed or not, the same file
-    pairs = [p for row in rows for p in make_pairs(row, min_margin=min_margin)]
+    pairs = [p for row in rows for p in make_pairs(row, min_margin=min_margin, student_pairs=student_pairs)]
     tmp = pairs_path.with_name(pairs_path.name + ".tmp")
     tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
     tmp.replace(pairs_path)
