@@ -1,0 +1,248 @@
+"""The config sections of the model, data and training: teacher, student, data, loss, train, generate,
+eval, prune. Every field is documented once, in its `Field(description=...)`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Section):
+    path: str = Field(
+        "smollm2-135m-instruct",
+        description="teacher: an alias (smollm2-135m-instruct), a local HF directory, or a .gguf file",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` when `path` is a directory")
+    trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint (off: safer)")
+    license: str | None = Field(None, description="the teacher's licence id, when its files do not say")
+    signal: Literal["online", "cache"] = Field(
+        "online", description="online: run the teacher in every step; cache: read top-k signals from cache_dir"
+    )
+    cache_dir: str | None = Field(None, description="top-k signal cache (default: RUN_DIR/cache); `kdkit cache` writes it")
+    top_k: int = Field(64, ge=1, description="kdkit cache: teacher log-probs kept per token")
+    cache_shard_size: int = Field(256, ge=1, description="kdkit cache: examples per shard")
+    backend: Literal["local", "http"] = Field(
+        "local", description="generate: local runs `path` here; http asks an OpenAI-compatible server (vLLM, ...)"
+    )
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="http: the server's API root (…/v1)")
+    model: str | None = Field(None, description="http: the served model name (null: the first one /models lists)")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="http: NAME of the environment variable holding the API key (never the key)"
+    )
+    concurrency: int = Field(4, ge=1, description="http: requests in flight at once")
+    timeout_s: float = Field(120.0, gt=0.0, description="http: seconds one request may take in all (connect + answer)")
+    max_retries: int = Field(5, ge=0, description="http: retries of a request after 429/5xx, connection errors, timeouts")
+    allow_restricted_license: bool = Field(
+        False, description="train on a teacher whose licence restricts it (Llama, Gemma, OpenAI terms, *-nc, *-nd); "
+                           "needs restricted_license_reason")
+    restricted_license_reason: str | None = Field(
+        None, description="why training on this teacher's outputs is permitted (recorded in manifests and model card)")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0.0, description="adapter scale numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names given adapters (e.g. [q_proj, v_proj]) or 'all-linear'"
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA: base weights in 4-bit NF4 (needs bitsandbytes and a GPU)")
+
+
+class StudentConfig(Section):
+    init: Literal["teacher_layers", "pretrained", "config"] = Field(
+        "teacher_layers",
+        description="teacher_layers: a subset of the teacher's layers; pretrained: load `path`; config: random init from `path`'s config",
+    )
+    path: str | None = Field(None, description="student directory (init=pretrained) or config source (init=config)")
+    num_layers: int | None = Field(
+        10, ge=1, description="init=teacher_layers: keep this many layers, spread uniformly (first and last kept)"
+    )
+    layers: list[int] | None = Field(None, description="init=teacher_layers: explicit teacher layer indices to keep")
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="init=config: fields replaced in the config (e.g. num_hidden_layers)"
+    )
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters (peft) instead of every weight; merged into the saved student"
+    )
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="training data: .jsonl, .json, .parquet or a datasets save_to_disk dir")
+    eval: str | None = Field(None, description="held-out data for evaluation (same formats)")
+    max_length: int = Field(512, ge=8, description="tokens per example; longer rows are truncated on the right")
+    max_drop_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="fail when more than this fraction of rows is unusable"
+    )
+    packing: bool = Field(False, description="concatenate examples into max_length sequences")
+
+
+class LossConfig(Section):
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "uld"] = Field(
+        "forward_kl", description="per-token divergence between teacher and student distributions (uld: "
+        "cross-tokenizer only)"
+    )
+    temperature: float = Field(1.0, gt=0.0, description="softens teacher and student alike; soft term scaled by T²")
+    alpha: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs hard-label CE")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: mixture weight of the teacher, M = β·p_T + (1-β)·p_S")
+    skew: float = Field(0.1, ge=0.0, le=1.0, description="skew_*: DistiLLM's α, the share of the first distribution in the mix")
+    implementation: Literal["dense", "fused"] = Field(
+        "fused", description="fused: the loss chunk by chunk from hidden states + lm_head, never the (N, V) logits "
+        "(less memory; falls back to dense, logged, where it cannot apply, e.g. softcapped heads); dense: "
+        "student logits (N, V) at once"
+    )
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-4, gt=0.0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine schedule floor, as a fraction of lr")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    max_grad_norm: float | None = Field(1.0, description="clip the gradient norm to this (null: no clipping)")
+    seed: int = Field(0, description="seed for initialisation, data order and sampling")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    log_every: int = Field(1, ge=1, description="write metrics every N steps")
+    save_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="step checkpoints kept on disk")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description="a NaN/Inf loss or gradient: skip the update (weights, optimizer, schedule untouched) or stop"
+    )
+    max_bad_steps: int = Field(3, ge=1, description="abort after this many non-finite steps in a row")
+    distributed: Literal["auto", "none", "ddp", "fsdp2"] = Field(
+        "auto", description="under torchrun/accelerate launch: ddp replicates the student, fsdp2 shards it "
+        "(fully_shard per layer); auto: ddp when WORLD_SIZE > 1. batch_size is then the GLOBAL micro-batch"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in backward (less memory, ~30% slower)"
+    )
+
+
+class TaskConfig(Section):
+    """One elicitation task of `generate.tasks` (the strategies are documented in kdkit/teacher/elicit.py)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="task name: the prefix of every item id")
+    strategy: Literal["labelling", "expansion", "curation", "feature", "self_knowledge", "chain_of_thought"] = Field(
+        "labelling", description="labelling: answer given inputs; expansion: write new inputs from demonstrations, "
+        "then answer; curation: write inputs from a domain and topics, then answer; feature: labelling + the "
+        "teacher's top-k log-probs per token; self_knowledge: answer, then grade or refine its own answer; "
+        "chain_of_thought: reasoning + a separated final answer, checked where a checker exists")
+    count: int | None = Field(None, ge=1, description="items: inputs used (labelling-like) or written (expansion, "
+                                                       "curation); null = every input")
+    inputs: str | None = Field(None, description="file of inputs to answer (any data format; answers are references)")
+    demonstrations: str | None = Field(None, description="file of demonstrations (input + answer rows): few-shot "
+                                                         "examples and expansion seeds")
+    num_demonstrations: int = Field(2, ge=0, description="demonstrations shown per prompt (picked by the item's seed)")
+    instruction: str = Field("", description="instruction shown to the teacher above each input")
+    domain: str = Field("", description="curation: what the data is about")
+    topics: list[str] = Field(default_factory=list, description="curation: topics, used in turn")
+    templates: dict[str, str] = Field(
+        default_factory=dict, description="template slot → built-in name or file path (slots: answer, input, "
+        "review); defaults in kdkit/assets/templates")
+    parser: Literal["text", "json", "regex", "answer"] = Field(
+        "text", description="how the teacher's answer is read: text (as is), json (parse_field of the first JSON "
+        "object), regex (parse_pattern's first group), answer (reasoning + final answer)")
+    parse_field: str = Field("answer", description="parser=json: the field read")
+    parse_pattern: str | None = Field(None, description="parser=regex: pattern with one group")
+    input_field: str = Field("input", description="expansion/curation: JSON field of a written input")
+    checker: Literal["auto", "none", "reference", "arithmetic"] = Field(
+        "auto", description="chain_of_thought: reference (the input's answer), arithmetic (safe evaluation of the "
+        "expression in the input), auto (reference, else arithmetic, else unchecked)")
+    review: Literal["grade", "refine"] = Field("grade", description="self_knowledge: grade (a 1-10 score for the "
+                                                                    "judge filter) or refine (a rewritten answer)")
+    top_logprobs: int = Field(5, ge=1, description="feature: teacher log-probs kept per token")
+    system: str | None = Field(None, description="system turn of the training rows (null: none)")
+
+
+class FilterConfig(Section):
+    """Quality filters applied to every generated item; what each removed is counted in the manifest."""
+
+    min_chars: int = Field(1, ge=0, description="drop answers shorter than this")
+    max_chars: int | None = Field(None, ge=1, description="drop answers longer than this")
+    dedupe: Literal["none", "exact", "near"] = Field(
+        "near", description="exact: drop repeated (input, answer) pairs; near: also MinHash near-duplicates")
+    near_threshold: float = Field(0.85, gt=0.0, le=1.0, description="near: estimated Jaccard similarity that "
+                                                                    "counts as a duplicate")
+    min_mean_logprob: float | None = Field(None, description="drop answers whose mean token log-prob is below "
+                                                             "this (teacher confidence)")
+    max_mean_entropy: float | None = Field(None, ge=0.0, description="drop answers whose mean token entropy "
+                                                                     "(over the top-k) is above this")
+    min_judge_score: float | None = Field(None, description="drop graded items scored below this (1-10)")
+
+
+class GenerateConfig(Section):
+    prompts: str | None = Field(None, description="prompts to answer (any data format; answers are ignored)")
+    eval_prompts: str | None = Field(None, description="held-out prompts to answer as well (for data.eval)")
+    output: str | None = Field(None, description="jsonl written in the `messages` format (default: RUN_DIR/data/train.jsonl)")
+    max_new_tokens: int = Field(128, ge=1, description="tokens generated per answer")
+    batch_size: int = Field(16, ge=1, description="prompts per generation batch (left-padded)")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float = Field(0.7, gt=0.0, description="sampling temperature (do_sample only)")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling (do_sample only)")
+    limit: int | None = Field(None, ge=1, description="answer only the first N prompts")
+    eval_limit: int | None = Field(None, ge=1, description="answer only the first N held-out prompts")
+    top_logprobs: int = Field(
+        0, ge=0, description="http: also store the teacher's top-k log-probs per answer token (0: off)"
+    )
+    tasks: list[TaskConfig] = Field(
+        default_factory=list, description="elicitation tasks (strategy, templates, count each); set, they replace "
+        "`prompts` and write jsonl shards + manifest.json to `output` (default RUN_DIR/data/train)")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="quality filters on task items")
+    shard_size: int = Field(1000, ge=1, description="tasks: rows per jsonl shard")
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N held-out examples")
+    student_before: bool = Field(True, description="also evaluate the student before distillation")
+    harness_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on every model: shipped kdkit_mc (multiple choice, acc) and "
+                    "kdkit_arith (generation, exact_match), or paths to lm-eval task YAMLs over local files; "
+                    "empty = off (needs `pip install 'kdkit[eval]'`)")
+    harness_limit: int | None = Field(None, ge=1, description="run only the first N documents of each harness task")
+    speed: bool = Field(True, description="measure prefill/decode tokens/s, latency per token, peak memory and "
+                                          "size on disk of every model")
+    speed_prompt_tokens: int = Field(128, ge=1, description="speed: prompt length of the prefill measurement")
+    speed_new_tokens: int = Field(32, ge=1, description="speed: greedy tokens decoded one at a time on the KV cache")
+
+
+class PruneConfig(Section):
+    method: Literal["none", "depth", "width", "both"] = Field(
+        "none",
+        description="none: no pruning; depth: drop whole layers; width: shrink heads/MLP/hidden; both: depth then "
+        "width. Set, `kdkit prune` writes RUN_DIR/pruned and distill/eval start from it (student.init=pretrained)",
+    )
+    target_params: float | None = Field(
+        None, gt=0.0,
+        description="parameter target: a count (e.g. 67e6) or, when <= 1, a fraction of the teacher's; the free "
+        "dimensions are chosen to come closest to it (width: MLP and hidden shrink by one ratio)",
+    )
+    num_layers: int | None = Field(None, ge=1, description="depth: layers kept (the most important ones)")
+    layer_metric: Literal["ppl", "cosine"] = Field(
+        "ppl", description="depth ranking: ppl = perplexity increase when the layer is skipped; cosine = 1 - cos(in, out)"
+    )
+    intermediate_size: int | None = Field(None, ge=1, description="width: MLP neurons kept per layer")
+    num_heads: int | None = Field(None, ge=1, description="width: query heads kept per layer (kept attention heads)")
+    num_kv_heads: int | None = Field(
+        None, ge=1,
+        description="width: KV heads (GQA groups) kept; null: all groups when num_heads divides evenly among them "
+        "(query heads pruned within groups), else whole groups",
+    )
+    hidden_size: int | None = Field(None, ge=1, description="width: embedding channels kept (every norm, embedding, head)")
+    round_to: int = Field(8, ge=1, description="target_params: chosen widths are multiples of this (64 suits GPUs)")
+    calibration: str | None = Field(None, description="calibration data for importance (default: data.train)")
+    calibration_samples: int = Field(64, ge=1, description="examples of the calibration data used")
+    batch_size: int = Field(8, ge=1, description="calibration examples per forward pass")
