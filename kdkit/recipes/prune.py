@@ -46,7 +46,7 @@ def _card(teacher, summary: dict) -> str:
         f"- **Method:** {summary['method']}; {summary['params_after']:,} parameters "
         f"({summary['params_after'] / summary['params_before']:.0%})",
         f"- **Layers kept:** {summary['layers_kept']}",
-        f"- **Dimensions:** " + ", ".join(f"{k} {v}" for k, v in d.items()), "",
+        "- **Dimensions:** " + ", ".join(f"{k} {v}" for k, v in d.items()), "",
     ])
 
 

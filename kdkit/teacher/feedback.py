@@ -26,7 +26,6 @@ import torch
 from tqdm.auto import tqdm
 
 from kdkit.data.collate import collate
-from kdkit.data.preference import completion_batch
 from kdkit.data.render import render_example, render_prompt
 from kdkit.data.sources import Example
 from kdkit.errors import UserError
