@@ -63,7 +63,8 @@ def start_vllm(model_dir: Path, log_path: Path, *, timeout: float):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host",
-           "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--dtype", "float32"]
+           "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--dtype", "float32",
+           "--enforce-eager"]  # eager: no kernel compile at start-up (minutes on 2 cores), as in tests/test_vllm.py
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
     t0 = time.monotonic()
     with open(log_path, "w") as log:

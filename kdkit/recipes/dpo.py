@@ -8,30 +8,17 @@ teacher; saves RUN_DIR/student with its model card. `--resume` continues from th
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
-from kdkit.config import Config, save_config
+from kdkit.config import Config
 from kdkit.data.preference import read_pairs, tokenize_pairs
 from kdkit.eval.retention import evaluate_models, markdown_table, write_report
 from kdkit.models.load import count_parameters, head_rows, shared_vocab_size
-from kdkit.train.loop import pick_device
-from kdkit.train.preference import build_reference, card_section, default_pairs_path, evaluate_pairs, train_dpo
-from kdkit.train.setup import build_student, load_teacher, model_card, save_student, tokenize_file
+from kdkit.train.preference import card_section, default_pairs_path, evaluate_pairs, setup_policy, train_dpo
+from kdkit.train.setup import model_card, save_student, tokenize_file
 
 
 def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
     # ---- setup
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    run_dir = Path(cfg.run.dir)
-    save_config(cfg, run_dir / "config.yaml")
-    teacher = teacher or load_teacher(cfg)
-    student, tok, init = build_student(cfg, teacher)
-    device = pick_device(cfg.train.device)
-    student.to(device)
-    reference = build_reference(cfg, student).to(device)
+    run_dir, teacher, student, tok, init, device, reference = setup_policy(cfg, teacher)
     path = default_pairs_path(cfg)
     pairs = tokenize_pairs(read_pairs(path), tok, max_length=cfg.data.max_length, source=str(path))
     before = evaluate_pairs(student, pairs, pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size)

@@ -15,9 +15,8 @@ import copy
 from functools import partial
 from pathlib import Path
 
-import torch
 
-from kdkit.config import Config, save_config
+from kdkit.config import Config
 from kdkit.data.preference import PairData, read_pairs, tokenize_pairs
 from kdkit.data.render import render_prompt
 from kdkit.data.sources import Example, load_examples
@@ -25,10 +24,9 @@ from kdkit.errors import UserError
 from kdkit.eval.retention import evaluate_models, markdown_table, write_report
 from kdkit.models.load import count_parameters, head_rows, shared_vocab_size, tokenizer_hash
 from kdkit.models.sequence import mean_logps
-from kdkit.train.loop import pick_device
-from kdkit.train.preference import build_reference, card_section, default_pairs_path, optimize, pair_indices
+from kdkit.train.preference import card_section, default_pairs_path, optimize, pair_indices, setup_policy
 from kdkit.train.reward import RewardModel, reward_accuracy, reward_step, rl_step
-from kdkit.train.setup import build_student, load_teacher, model_card, save_student, tokenize_file
+from kdkit.train.setup import model_card, save_student, tokenize_file
 
 
 def _split(data: PairData) -> tuple[PairData, PairData | None]:
@@ -60,15 +58,7 @@ def reward_model_fn(cfg: Config, student, tok, *, run_dir: Path, resume: bool, d
 def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
     # ---- setup
     pc = cfg.preference
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    run_dir = Path(cfg.run.dir)
-    save_config(cfg, run_dir / "config.yaml")
-    teacher = teacher or load_teacher(cfg)
-    student, tok, init = build_student(cfg, teacher)
-    device = pick_device(cfg.train.device)
-    student.to(device)
-    reference = build_reference(cfg, student).to(device)
+    run_dir, teacher, student, tok, init, device, reference = setup_policy(cfg, teacher)
     source = pc.prompts or cfg.data.train
     if not source:
         raise UserError("preference.prompts (or data.train) is not set: give a file of prompts for the student")

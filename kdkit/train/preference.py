@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kdkit.config import Config, TrainConfig
+from kdkit.config import Config, TrainConfig, save_config
 from kdkit.data.collate import batch_order
 from kdkit.data.preference import PairData, pair_batch
 from kdkit.models import load as M
 from kdkit.models.sequence import sequence_logps
 from kdkit.train.checkpoint import load_latest, save_checkpoint
-from kdkit.train.loop import Preemption, autocast, optimizer_step
+from kdkit.train.loop import Preemption, autocast, optimizer_step, pick_device
 from kdkit.train.metrics import MetricsWriter
 from kdkit.train.optim import build_optimizer
+from kdkit.train.setup import build_student, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,20 @@ log = logging.getLogger(__name__)
 def default_pairs_path(cfg: Config) -> Path:
     """preference.pairs, or RUN_DIR/data/pairs.jsonl (where `kdkit feedback` writes)."""
     return Path(cfg.preference.pairs) if cfg.preference.pairs else Path(cfg.run.dir) / "data" / "pairs.jsonl"
+
+
+def setup_policy(cfg: Config, teacher=None):
+    """Shared start of `kdkit dpo` and `kdkit rl`: (run_dir, teacher, student, tokenizer, init, device,
+    frozen reference), with the resolved config saved in the run directory."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.run.dir)
+    save_config(cfg, run_dir / "config.yaml")
+    teacher = teacher or load_teacher(cfg)
+    student, tok, init = build_student(cfg, teacher)
+    device = pick_device(cfg.train.device)
+    student.to(device)
+    return run_dir, teacher, student, tok, init, device, build_reference(cfg, student).to(device)
 
 
 def build_reference(cfg: Config, student) -> torch.nn.Module:
