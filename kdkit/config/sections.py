@@ -26,10 +26,14 @@ class TeacherConfig(Section):
     cache_dir: str | None = Field(None, description="top-k signal cache (default: RUN_DIR/cache); `kdkit cache` writes it")
     top_k: int = Field(64, ge=1, description="kdkit cache: teacher log-probs kept per token")
     cache_shard_size: int = Field(256, ge=1, description="kdkit cache: examples per shard")
-    backend: Literal["local", "http"] = Field(
-        "local", description="generate: local runs `path` here; http asks an OpenAI-compatible server (vLLM, ...)"
+    backend: Literal["local", "http", "vllm"] = Field(
+        "local", description="generate: local runs `path` here (transformers); http asks an OpenAI-compatible server "
+                             "(vLLM, ...); vllm runs `path` in vLLM's offline engine here (needs vllm installed)"
     )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="http: the server's API root (…/v1)")
+    base_urls: list[str] = Field(
+        default_factory=list, description="http: several servers serving the same teacher (replicas); requests are "
+        "spread over them, each with its own `concurrency`; set, it replaces base_url")
     model: str | None = Field(None, description="http: the served model name (null: the first one /models lists)")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="http: NAME of the environment variable holding the API key (never the key)"
@@ -37,6 +41,9 @@ class TeacherConfig(Section):
     concurrency: int = Field(4, ge=1, description="http: requests in flight at once")
     timeout_s: float = Field(120.0, gt=0.0, description="http: seconds one request may take in all (connect + answer)")
     max_retries: int = Field(5, ge=0, description="http: retries of a request after 429/5xx, connection errors, timeouts")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vllm: keyword arguments for vllm.LLM (e.g. tensor_parallel_size: 2, "
+        "dtype: bfloat16, max_model_len: 4096, gpu_memory_utilization: 0.85, enforce_eager: true)")
     allow_restricted_license: bool = Field(
         False, description="train on a teacher whose licence restricts it (Llama, Gemma, OpenAI terms, *-nc, *-nd); "
                            "needs restricted_license_reason")
@@ -124,6 +131,10 @@ class TrainConfig(Section):
     distributed: Literal["auto", "none", "ddp", "fsdp2"] = Field(
         "auto", description="under torchrun/accelerate launch: ddp replicates the student, fsdp2 shards it "
         "(fully_shard per layer); auto: ddp when WORLD_SIZE > 1. batch_size is then the GLOBAL micro-batch"
+    )
+    teacher_offload: bool = Field(
+        False, description="fsdp2: keep the frozen teacher's shards in CPU memory, gathered to the device per layer "
+        "(FSDP2 CPUOffloadPolicy); no effect on CPU-only runs"
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in backward (less memory, ~30% slower)"

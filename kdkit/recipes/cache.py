@@ -5,6 +5,7 @@
 
 With `teacher.backend: http` the log-probs come from a vLLM server's `prompt_logprobs` (the
 tokenizer still comes from `teacher.path`, which must be the served model's); they are at T = 1.
+`teacher.base_urls` spreads the requests over several servers of the same model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from kdkit.errors import UserError
 from kdkit.models.license import gate_from_config
 from kdkit.models.load import head_rows, shared_vocab_size
 from kdkit.teacher.cache import build_cache, repair_cache, verify_cache
-from kdkit.teacher.http import ChatClient
+from kdkit.teacher.http import ChatClient, common_model
 from kdkit.teacher.served_cache import build_served_cache, repair_served_cache
 from kdkit.train.setup import cache_dir, load_teacher, tokenize_file
 
@@ -37,10 +38,12 @@ def run(cfg: Config, *, teacher=None) -> Path:
     return out
 
 
-def _client(cfg: Config) -> ChatClient:
+def _clients(cfg: Config) -> list[ChatClient]:
+    """One client per server (`teacher.base_urls`, else `teacher.base_url`)."""
     tc = cfg.teacher
-    return ChatClient(tc.base_url, api_key=os.environ.get(tc.api_key_env) or None, api_key_env=tc.api_key_env,
-                      timeout=tc.timeout_s, max_retries=tc.max_retries, concurrency=tc.concurrency)
+    return [ChatClient(url, api_key=os.environ.get(tc.api_key_env) or None, api_key_env=tc.api_key_env,
+                       timeout=tc.timeout_s, max_retries=tc.max_retries, concurrency=tc.concurrency)
+            for url in tc.base_urls or [tc.base_url]]
 
 
 def _run_served(cfg: Config, teacher, train, out: Path) -> Path:
@@ -49,9 +52,9 @@ def _run_served(cfg: Config, teacher, train, out: Path) -> Path:
         raise UserError(f"loss.temperature={cfg.loss.temperature}: a served teacher's prompt_logprobs are at "
                         "temperature 1, so a cache from teacher.backend=http needs loss.temperature=1 "
                         "(or build it with teacher.backend=local)")
-    client = _client(cfg)
-    model = cfg.teacher.model or client.served_model()
-    build_served_cache(client, train, out, model=model, k=cfg.teacher.top_k, provenance=teacher.provenance(),
+    clients = _clients(cfg)
+    model = common_model(clients, cfg.teacher.model)  # several servers: the same model on each, or a UserError
+    build_served_cache(clients, train, out, model=model, k=cfg.teacher.top_k, provenance=teacher.provenance(),
                        vocab=len(teacher.tokenizer), shard_size=cfg.teacher.cache_shard_size,
                        concurrency=cfg.teacher.concurrency)
     save_config(cfg, out / "config.yaml")
@@ -69,7 +72,7 @@ def verify(directory: Path, *, repair: bool = False) -> list[str]:
         teacher = load_teacher(cfg)
         train = tokenize_file(cfg.data.train, teacher.tokenizer, cfg, key="data.train")
         if cfg.teacher.backend == "http":
-            repair_served_cache(_client(cfg), train, directory, concurrency=cfg.teacher.concurrency)
+            repair_served_cache(_clients(cfg), train, directory, concurrency=cfg.teacher.concurrency)
             return [str(p) for p in verify_cache(directory)]
         repair_cache(teacher.model, train, directory, batch_size=cfg.train.batch_size)
         return [str(p) for p in verify_cache(directory)]

@@ -24,7 +24,7 @@ from kdkit.errors import UserError
 from kdkit.teacher.feedback import (HttpTeacher, LocalTeacher, load_judge_template, sample_answers,
                                     score_prompts, scored_path_for, write_pairs)
 from kdkit.teacher.generate import done_ids
-from kdkit.teacher.http import ChatClient
+from kdkit.teacher.http import ChatClient, common_model
 from kdkit.train.loop import pick_device
 from kdkit.train.preference import default_pairs_path
 from kdkit.train.setup import build_student, load_teacher
@@ -35,10 +35,13 @@ def _judge(cfg: Config, teacher, template):
     pc, tc = cfg.preference, cfg.teacher
     if tc.backend == "http":
         api_key = os.environ.get(tc.api_key_env) or None  # read here, passed on, never stored
-        client = ChatClient(tc.base_url, api_key=api_key, api_key_env=tc.api_key_env, timeout=tc.timeout_s,
-                            max_retries=tc.max_retries)
-        return HttpTeacher(client, model=tc.model or client.served_model(), template=template,
-                           judge_max_new_tokens=pc.judge_max_new_tokens), {"backend": "http", "base_url": tc.base_url}
+        urls = tc.base_urls or [tc.base_url]
+        clients = [ChatClient(url, api_key=api_key, api_key_env=tc.api_key_env, timeout=tc.timeout_s,
+                              max_retries=tc.max_retries) for url in urls]
+        model = common_model(clients, tc.model)  # several servers: the same model on each, or a UserError
+        # scoring asks one request at a time (score_prompts is sequential): the first server answers them all
+        return HttpTeacher(clients[0], model=model, template=template,
+                           judge_max_new_tokens=pc.judge_max_new_tokens), {"backend": "http", "base_url": urls[0]}
     model = teacher.model.to(pick_device(cfg.train.device))
     return (LocalTeacher(model, teacher.tokenizer, scorer=pc.scorer, template=template,
                          judge_max_new_tokens=pc.judge_max_new_tokens, max_length=cfg.data.max_length),

@@ -11,7 +11,8 @@ Two modes:
 
 `teacher.backend` picks who answers: `local` runs the teacher here (batched transformers generation),
 `http` asks an OpenAI-compatible server (vLLM, ...) at `teacher.base_url`, with the API key read from
-the environment variable `teacher.api_key_env`. Either way the teacher's licence is checked first
+the environment variable `teacher.api_key_env`; `vllm` runs vLLM's offline engine here
+(kdkit/teacher/vllm_engine.py, `teacher.engine_args` for tensor parallelism and the rest). Either way the teacher's licence is checked first
 (`kdkit.models.license`), and manifests record the teacher, the licence decision, the sampling
 settings and the counts (never the API key).
 """
@@ -27,10 +28,12 @@ from kdkit.config import Config, save_config
 from kdkit.data.sources import load_examples
 from kdkit.errors import UserError
 from kdkit.models.license import gate_from_config, license_from_url
+from kdkit.models.load import read_license, resolve
 from kdkit.teacher.dataset import write_dataset
 from kdkit.teacher.elicit import run_task
 from kdkit.teacher.generate import done_ids, generate_answers
-from kdkit.teacher.http import ChatClient, generate_answers_http
+from kdkit.teacher.http import ChatClient, common_model, generate_answers_http
+from kdkit.teacher.vllm_engine import generate_answers_vllm, hf_directory, load_engine, require_vllm
 from kdkit.train.setup import load_teacher
 
 
@@ -40,8 +43,8 @@ def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
     if not gc.prompts and not gc.tasks:
         raise UserError("generate.prompts and generate.tasks are both unset: give a file of prompts "
                         "(e.g. `generate.prompts=prompts.jsonl`) or a list of tasks (see configs/generate-strategies.yaml)")
-    if gc.top_logprobs and tc.backend != "http":
-        raise UserError("generate.top_logprobs needs teacher.backend=http (a served teacher); "
+    if gc.top_logprobs and tc.backend == "local":
+        raise UserError("generate.top_logprobs needs teacher.backend=http or vllm; "
                         "for a local teacher use `kdkit cache` or a task with strategy: feature")
     names = [t.name for t in gc.tasks]
     if len(set(names)) != len(names):
@@ -49,7 +52,7 @@ def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
     run_dir = Path(cfg.run.dir)
     save_config(cfg, run_dir / "config.yaml")
     complete, source, teacher = _backend(cfg, teacher)
-    license_id = tc.license or (teacher.license if teacher is not None else license_from_url(tc.base_url))
+    license_id = tc.license or source.get("license") or license_from_url((tc.base_urls or [tc.base_url])[0])
     decision = gate_from_config(license_id, tc, teacher=source.get("teacher") or source.get("model") or "the teacher")
     if gc.tasks:
         out = Path(gc.output) if gc.output else run_dir / "data" / "train"
@@ -60,19 +63,23 @@ def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
 def _backend(cfg: Config, teacher):
     """(complete(examples, out, top_logprobs=0) -> out, a description of the teacher, the local Teacher or None)."""
     gc, tc = cfg.generate, cfg.teacher
+    if tc.backend == "vllm":
+        return (*_vllm_backend(cfg), None)
     if tc.backend == "http":
         api_key = os.environ.get(tc.api_key_env) or None  # read here, passed on, never stored
-        model = tc.model or ChatClient(tc.base_url, api_key=api_key, api_key_env=tc.api_key_env,
-                                       timeout=tc.timeout_s, max_retries=tc.max_retries).served_model()
+        urls = tc.base_urls or [tc.base_url]  # several: replicas of one teacher, the requests spread over them
+        model = common_model([ChatClient(url, api_key=api_key, api_key_env=tc.api_key_env, timeout=tc.timeout_s,
+                                         max_retries=tc.max_retries) for url in urls], tc.model)
 
         def complete(examples, out, *, top_logprobs: int = gc.top_logprobs):
             return generate_answers_http(
-                examples, out, base_url=tc.base_url, model=model, api_key=api_key,
+                examples, out, base_urls=urls, model=model, api_key=api_key,
                 api_key_env=tc.api_key_env, max_new_tokens=gc.max_new_tokens,
                 temperature=gc.temperature if gc.do_sample else 0.0, top_p=gc.top_p,
                 concurrency=tc.concurrency, timeout=tc.timeout_s, max_retries=tc.max_retries,
                 seed=cfg.train.seed, top_logprobs=top_logprobs)
-        return complete, {"backend": "http", "base_url": tc.base_url, "model": model}, None
+        where = {"base_urls": urls} if len(urls) > 1 else {"base_url": urls[0]}
+        return complete, {"backend": "http", **where, "model": model}, None
     teacher = teacher or load_teacher(cfg)
 
     def complete(examples, out, *, top_logprobs: int = 0):
@@ -81,6 +88,27 @@ def _backend(cfg: Config, teacher):
                                 do_sample=gc.do_sample, temperature=gc.temperature, top_p=gc.top_p,
                                 seed=cfg.train.seed, top_logprobs=top_logprobs)
     return complete, {"backend": "local", "teacher": teacher.source.id, "license": teacher.license}, teacher
+
+
+def _vllm_backend(cfg: Config):
+    """vLLM's offline engine on the teacher, loaded at the first call (after the licence gate)."""
+    gc, tc = cfg.generate, cfg.teacher
+    require_vllm()
+    src = resolve(tc.path, gguf_file=tc.gguf_file)
+    engine = None
+
+    def complete(examples, out, *, top_logprobs: int = gc.top_logprobs):
+        nonlocal engine
+        if engine is None:
+            directory = hf_directory(src, Path(cfg.run.dir), trust_remote_code=tc.trust_remote_code)
+            k = max([gc.top_logprobs, *(t.top_logprobs for t in gc.tasks if t.strategy == "feature")])
+            engine = load_engine(directory, engine_args=tc.engine_args, top_logprobs=k, seed=cfg.train.seed,
+                                 trust_remote_code=tc.trust_remote_code)
+        return generate_answers_vllm(engine, examples, out, max_new_tokens=gc.max_new_tokens,
+                                     temperature=gc.temperature if gc.do_sample else 0.0, top_p=gc.top_p,
+                                     seed=cfg.train.seed, top_logprobs=top_logprobs)
+    return complete, {"backend": "vllm", "teacher": src.id, "license": read_license(src, tc.license),
+                      "engine_args": tc.engine_args}
 
 
 def _run_tasks(cfg: Config, complete, *, source: dict, decision: dict, out: Path) -> Path:

@@ -3,8 +3,12 @@
 Answers go to the same resumable `messages` jsonl as the local backend (`kdkit.teacher.generate`):
 one line per answer, written and flushed as each request completes, ids already in the file skipped.
 
+Several servers serving the same teacher (`teacher.base_urls`, replicas) share the work: one
+`ChatClient` each, one queue of examples, `concurrency` threads per server taking the next example
+when free (`map_servers`), so a faster server takes more. The output is the same as with one server.
+
 Reliability, request by request:
-- at most `concurrency` requests in flight (a thread pool);
+- at most `concurrency` requests in flight per server;
 - retried only when retrying can help (429, 408, 500, 502, 503, 504, connection errors, timeouts),
   with exponential backoff and jitter, never sooner than the server's `Retry-After`;
 - 400/401/403/404 (and any other 4xx) fail at once with a `UserError` that says what to do;
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import queue
 import random
 import socket
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import requests
@@ -219,49 +224,97 @@ def _token_logprobs(lp: dict | None) -> list:
             for t in (lp or {}).get("content") or []]
 
 
-def generate_answers_http(examples: list[Example], out_path: Path, *, base_url: str, model: str | None,
-                          api_key: str | None, max_new_tokens: int, temperature: float, top_p: float,
-                          concurrency: int, timeout: float, max_retries: int, api_key_env: str = "OPENAI_API_KEY",
-                          seed: int = 0, top_logprobs: int = 0, backoff_s: float = 0.5) -> Path:
-    """Ask the server to answer every example; write {"id", "messages"[, "teacher_logprobs"]} lines.
+def common_model(clients: Sequence[ChatClient], model: str | None = None) -> str:
+    """The model name to ask for: `model` as given with one server; with several, every server's
+    /models must list the same first name (else a UserError naming the server that differs)."""
+    if model and len(clients) == 1:
+        return model
+    names = [client.served_model() for client in clients]
+    for client, name in zip(clients, names):
+        if name != names[0]:
+            raise UserError(f"{client.base_url} serves {name!r} but {clients[0].base_url} serves {names[0]!r}: "
+                            "every server in teacher.base_urls must serve the same teacher under the same name "
+                            "(vllm serve ... --served-model-name)")
+    return model or names[0]
+
+
+def map_servers(clients: Sequence[ChatClient], items: Sequence, fn: Callable, *, concurrency: int) -> Iterator:
+    """Yield (item, fn(client, item)) for every item as each completes (any order), spread over the
+    servers: one shared queue, `concurrency` threads per server taking the next item when free, so a
+    faster server takes more. The first failure stops every server (requests still retrying give up,
+    idle threads take nothing more) and is raised here; results that completed before it were yielded."""
+    work, done = queue.SimpleQueue(), queue.SimpleQueue()
+    for item in items:
+        work.put(item)
+    pending = work.qsize()
+
+    def worker(client: ChatClient) -> None:
+        while not client.stop.is_set():
+            try:
+                item = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((item, fn(client, item), None))
+            except BaseException as e:  # handed over to the caller's thread, which raises it
+                done.put((item, None, e))
+                return
+
+    for client in clients:
+        for _ in range(concurrency):  # daemons: a failed run exits without waiting for requests in flight
+            threading.Thread(target=worker, args=(client,), name="kdkit-http", daemon=True).start()
+    try:
+        for _ in range(pending):
+            item, result, error = done.get()
+            if error is not None:
+                raise error
+            yield item, result
+    except BaseException:  # a failure, or the caller stopped early (GeneratorExit, Ctrl-C)
+        for client in clients:
+            client.stop.set()
+        raise
+
+
+def generate_answers_http(examples: list[Example], out_path: Path, *, base_urls: Sequence[str] = (),
+                          base_url: str | None = None, model: str | None, api_key: str | None, max_new_tokens: int,
+                          temperature: float, top_p: float, concurrency: int, timeout: float, max_retries: int,
+                          api_key_env: str = "OPENAI_API_KEY", seed: int = 0, top_logprobs: int = 0,
+                          backoff_s: float = 0.5) -> Path:
+    """Ask the servers (`base_urls`, or the one `base_url`) to answer every example; write
+    {"id", "messages"[, "teacher_logprobs"]} lines.
 
     temperature 0 is greedy. Rows are written as requests complete (any order); a rerun skips the ids
     already in `out_path`. A request that fails for good stops the run with a UserError; the rows
     finished before it stay written."""
-    client = ChatClient(base_url, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
-                        max_retries=max_retries, concurrency=concurrency, backoff_s=backoff_s)
+    urls = list(base_urls) or ([base_url] if base_url else [])
+    if not urls:
+        raise ValueError("generate_answers_http needs base_urls (or base_url)")
+    clients = [ChatClient(url, api_key=api_key, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+                          concurrency=concurrency, backoff_s=backoff_s) for url in urls]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
     todo = [e for e in examples if e.id not in done]
     if not todo:
         return out_path
-    model = model or client.served_model()
+    model = common_model(clients, model)
 
-    def answer(example: Example) -> dict:
-        # a seed per id: sampled answers do not depend on which requests ran first, or on a resume
+    def answer(client: ChatClient, example: Example) -> dict:
+        # a seed per id: sampled answers do not depend on which server, or which requests ran first, or a resume
         return client.chat(prompt_messages(example), model=model, max_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, top_logprobs=top_logprobs,
                            seed=(seed + zlib.crc32(example.id.encode())) % 2**31)
 
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="generate", unit="answer")
     new_tokens, t0 = 0, time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kdkit-http")
     try:
         with open(out_path, "a") as f:
-            futures = {pool.submit(answer, e): e for e in todo}
-            for future in as_completed(futures):
-                result = future.result()  # a UserError stops the run here
+            for example, result in map_servers(clients, todo, answer, concurrency=concurrency):
                 extra = {"teacher_logprobs": result["logprobs"]} if top_logprobs else {}
-                f.write(answer_row(futures[future], result["text"], **extra))
+                f.write(answer_row(example, result["text"], **extra))
                 f.flush()  # a kill loses at most the line being written (cut off on resume)
                 new_tokens += result["tokens"]
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
-    except BaseException:
-        client.stop.set()  # requests still retrying give up instead of sleeping on
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
     finally:
         bar.close()
-    pool.shutdown()
     return out_path

@@ -8,18 +8,20 @@ given tokens < t, plus the actual token t when it is not among them.
 
 The off-by-one: the cache's row for position t (a supervised target labels[t + 1]) is the
 distribution that predicts token t + 1, i.e. entry t + 1. The shards, manifest, checksums and
-resume/repair are those of `kdkit.teacher.cache`; only the rows come from the server.
+resume/repair are those of `kdkit.teacher.cache`; only the rows come from the server. Several
+servers serving the same model (replicas) share the examples through `kdkit.teacher.http.map_servers`.
 
 The served log-probs are vLLM's raw ones (`logprobs_mode` raw_logprobs): temperature 1, whatever
 the request's sampling temperature. The manifest records the served model name as the teacher id
-(not the URL: the same model behind another address gives the same cache) and no weights hash.
+(not the URLs: the same model behind other addresses, or more of them, gives the same cache) and no
+weights hash.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 
 import torch
 
@@ -27,7 +29,7 @@ from kdkit.data.render import IGNORE, TokenizedData
 from kdkit.errors import UserError
 from kdkit.signal import Provenance
 from kdkit.teacher.cache import build_with, dataset_hash, make_header, read_manifest, refill
-from kdkit.teacher.http import ChatClient
+from kdkit.teacher.http import ChatClient, common_model, map_servers
 
 SERVED_WEIGHTS = "served"  # manifest weights_sha256 of a served cache: the server does not expose its weights
 FLOOR = -9999.0  # vLLM clamps -inf log-probs to this in its JSON answers
@@ -98,12 +100,17 @@ def _limit_error(e: UserError, k: int) -> UserError:
                      f"The server said: {msg}")
 
 
-def served_rows(client: ChatClient, data: TokenizedData, header: dict, *, model: str, concurrency: int):
+Clients = ChatClient | Sequence[ChatClient]  # one server, or several replicas of it
+
+
+def served_rows(clients: Clients, data: TokenizedData, header: dict, *, model: str, concurrency: int):
     """`compute(first, last)` for `kdkit.teacher.cache.build_with`: examples [first, last) asked of the
-    server, `concurrency` requests in flight, rows concatenated in example order."""
+    servers, `concurrency` requests in flight on each, rows concatenated in example order."""
+    clients = [clients] if isinstance(clients, ChatClient) else list(clients)
+    model = common_model(clients, model)  # several servers: they must all serve `model`'s name
     k, vocab = header["k"], header["vocab"]
 
-    def one(i: int):
+    def one(client: ChatClient, i: int):
         entries = prompt_logprobs(client, data.input_ids[i], model=model, k=k)
         try:
             return example_rows(entries, data.labels[i], k=k, vocab=vocab)
@@ -111,15 +118,8 @@ def served_rows(client: ChatClient, data: TokenizedData, header: dict, *, model:
             raise UserError(f"example {data.ids[i]}: unexpected prompt_logprobs from {client.base_url}: {e}") from None
 
     def compute(first: int, last: int):
-        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="kdkit-cache")
-        try:
-            parts = list(pool.map(one, range(first, last)))  # in order; the first failure is raised
-        except BaseException:
-            client.stop.set()  # requests still retrying give up
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
-        return tuple(torch.cat([p[j] for p in parts]) for j in range(3))  # (n, k), (n, k), (n,)
+        parts = dict(map_servers(clients, range(first, last), one, concurrency=concurrency))  # any order
+        return tuple(torch.cat([parts[i][j] for i in range(first, last)]) for j in range(3))  # (n, k), (n, k), (n,)
 
     return compute
 
@@ -133,19 +133,19 @@ def served_header(data: TokenizedData, provenance: Provenance, *, model: str, k:
                        weights=SERVED_WEIGHTS, extra={"source": {"backend": "http", "model": model}})
 
 
-def build_served_cache(client: ChatClient, data: TokenizedData, out_dir, *, model: str, k: int,
+def build_served_cache(clients: Clients, data: TokenizedData, out_dir, *, model: str, k: int,
                        provenance: Provenance, vocab: int, shard_size: int = 256, concurrency: int = 4,
                        progress: bool = True) -> dict:
-    """Ask the server for every example's prompt log-probs and store them as a verified cache;
-    resumes a killed build like the local one. Returns the manifest."""
+    """Ask the server(s) for every example's prompt log-probs and store them as a verified cache;
+    resumes a killed build like the local one (with any number of servers). Returns the manifest."""
     header = served_header(data, provenance, model=model, k=k, vocab=vocab, shard_size=shard_size)
-    compute = served_rows(client, data, header, model=model, concurrency=concurrency)
+    compute = served_rows(clients, data, header, model=model, concurrency=concurrency)
     return build_with(compute, data, out_dir, header, progress=progress)
 
 
-def repair_served_cache(client: ChatClient, data: TokenizedData, cache_dir, *, concurrency: int = 4,
+def repair_served_cache(clients: Clients, data: TokenizedData, cache_dir, *, concurrency: int = 4,
                         progress: bool = True) -> list[str]:
-    """Redo the damaged shards of a served cache by asking the server again; returns the files rewritten."""
+    """Redo the damaged shards of a served cache by asking the server(s) again; returns the files rewritten."""
     manifest = read_manifest(cache_dir)
     model = (manifest.get("source") or {}).get("model")
     if manifest.get("weights_sha256") != SERVED_WEIGHTS or not model:
@@ -153,5 +153,5 @@ def repair_served_cache(client: ChatClient, data: TokenizedData, cache_dir, *, c
     if dataset_hash(data) != manifest["dataset_hash"]:
         raise UserError(f"{cache_dir} was built from other data (dataset hash {manifest['dataset_hash']}, "
                         f"given {dataset_hash(data)}): repair needs the same tokenized data")
-    compute = served_rows(client, data, manifest, model=model, concurrency=concurrency)
+    compute = served_rows(clients, data, manifest, model=model, concurrency=concurrency)
     return refill(compute, data, cache_dir, progress=progress)
