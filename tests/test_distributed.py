@@ -2,8 +2,9 @@
 
 The global micro-batch is split between the ranks and every loss is normalised by the global
 supervised-token count, so a 2-process run follows the 1-process run step for step: the same loss
-curve and (ddp) the same final weights, up to float summation order. An FSDP2 run trains, gathers
-a plain saved student, and resumes from its sharded (DCP) checkpoint to the same weights.
+curve and (ddp) the same final weights, up to float summation order. An FSDP2 run shards the
+student and the frozen teacher (half of each on each rank), trains, gathers a plain saved student,
+and resumes from its sharded (DCP) checkpoint to the same weights.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 from conftest import chat_rows, write_jsonl
 from kdkit.config import load_config
+from kdkit.errors import UserError
 from kdkit.recipes import distill
 
 STEPS = 4
@@ -52,10 +54,38 @@ def one_process(dist_config, tmp_path_factory) -> Path:
     return run_dir
 
 
-def torchrun(config: Path, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
+# `kdkit distill` with a look at the teacher: each rank writes PROBE_OUT/rank-R.json about the module
+# `shard_teacher` returned (its local shard, gradients) and the loop's optimizer, after the run
+PROBE = """
+import json, os, sys
+import kdkit.train.dist as D, kdkit.train.loop as L
+from kdkit.cli import main
+
+seen = {}
+shard, build = D.shard_teacher, L.build_optimizer
+D.shard_teacher = lambda *a, **k: seen.setdefault("teacher", shard(*a, **k))
+L.build_optimizer = lambda *a, **k: seen.setdefault("opt", build(*a, **k))
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+params = list(seen["teacher"].parameters())
+in_opt = {id(p) for g in seen["opt"][0].param_groups for p in g["params"]}
+with open(os.path.join(os.environ["PROBE_OUT"], f"rank-{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"local": sum(p.to_local().numel() for p in params), "total": sum(p.numel() for p in params),
+               "requires_grad": any(p.requires_grad for p in params), "grads": any(p.grad is not None for p in params),
+               "in_optimizer": any(id(p) in in_opt for p in params)}, f)
+sys.exit(code)
+"""
+
+
+def torchrun(config: Path, *overrides: str, resume: bool = False,
+             probe: Path | None = None) -> subprocess.CompletedProcess:
+    cli = [str(probe)] if probe else ["-m", "kdkit.cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kdkit.cli", "distill", str(config), *overrides, *(["--resume"] if resume else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+           *cli, "distill", str(config), *overrides, *(["--resume"] if resume else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           **({"PROBE_OUT": str(probe.parent)} if probe else {})}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     return out
@@ -90,11 +120,21 @@ def test_ddp_two_processes_equal_one(dist_config, one_process, tmp_path):
 
 def test_fsdp2_trains_and_resumes_from_sharded_checkpoint(dist_config, one_process, tmp_path):
     whole = tmp_path / "fsdp"
-    torchrun(dist_config, f"run.dir={whole}", "train.distributed=fsdp2", "train.save_every=2",
-             "train.keep_checkpoints=3")
+    probe = tmp_path / "probe" / "probe.py"
+    probe.parent.mkdir()
+    probe.write_text(PROBE)
+    out = torchrun(dist_config, f"run.dir={whole}", "train.distributed=fsdp2", "train.save_every=2",
+                   "train.keep_checkpoints=3", "train.teacher_offload=true", probe=probe)
     ref, got = losses(one_process), losses(whole)
-    for step in ref:  # sharded, the student follows the same curve
+    for step in ref:  # sharded student and teacher: the same curve
         assert got[step] == pytest.approx(ref[step], rel=1e-4), step
+    teacher = [json.loads((probe.parent / f"rank-{r}.json").read_text()) for r in range(2)]
+    total = teacher[0]["total"]
+    assert sum(t["local"] for t in teacher) == total  # every element on exactly one rank ...
+    for t in teacher:  # ... about half on each (FSDP2 pads dim 0 to a multiple of the world size)
+        assert abs(t["local"] - total / 2) < 0.01 * total, t
+        assert not t["requires_grad"] and not t["grads"] and not t["in_optimizer"], t
+    assert "teacher_offload has no effect on a CPU-only run" in out.stderr  # CPU: nothing to offload to
     ckpt = whole / "checkpoints" / "step-00000002"
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["extra"]["sharded"] and any(n.endswith(".distcp") for n in meta["sha256"])
@@ -107,3 +147,8 @@ def test_fsdp2_trains_and_resumes_from_sharded_checkpoint(dist_config, one_proce
     for step in range(3, STEPS + 1):
         assert losses(resumed)[step] == pytest.approx(losses(whole)[step], rel=1e-6)
     assert_same_weights(weights(whole), weights(resumed), atol=1e-6)
+
+
+def test_teacher_offload_needs_fsdp2(dist_config, tmp_path):
+    with pytest.raises(UserError, match="train.distributed=fsdp2"):
+        distill.run(load_config(dist_config, [f"run.dir={tmp_path / 'run'}", "train.teacher_offload=true"]))

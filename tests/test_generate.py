@@ -156,7 +156,7 @@ def scripted(prompt: str) -> str:
     return f"reply to [{prompt[-40:]}]"
 
 
-def scripted_complete(examples, out: Path, *, top_logprobs: int = 0):
+def scripted_complete(examples, out: Path, *, top_logprobs: int = 0, max_new_tokens: int | None = None):
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         for e in examples:
@@ -295,6 +295,7 @@ def test_sft_trains_on_generated_data_and_the_card_records_the_licence(tmp_path,
     config = _tiny_generate_config(tmp_path, tiny_teacher, run_dir, license="llama3",
                                    allow_restricted_license=True, restricted_license_reason="test fixture")
     cfg = load_config(config, ["generate.filters.dedupe=none", "generate.max_new_tokens=12"])
+    next(t for t in cfg.generate.tasks if t.name == "feat").max_new_tokens = 5  # a task's own answer length
     out = generate.run(cfg)["train"]
     manifest = read_manifest(out)
     assert manifest["license"]["status"] == "restricted-allowed" and manifest["teacher"]["backend"] == "local"
@@ -310,6 +311,8 @@ def test_sft_trains_on_generated_data_and_the_card_records_the_licence(tmp_path,
                                                        "self.review.jsonl", "cot.answers.jsonl"}
     feat = [json.loads(line) for line in (stages / "feat.answers.jsonl").open()]
     assert all(len(r["teacher_logprobs"][0][2]) == 3 for r in feat)  # local backend: top-3 per token
+    assert max(len(r["teacher_logprobs"]) for r in feat) == 5  # feat's max_new_tokens, not the 12 of the others
+    assert manifest["tasks"]["feat"]["max_new_tokens"] == 5 and manifest["tasks"]["label"]["max_new_tokens"] == 12
     rows = load_examples(out)
     assert rows and all(r.messages[-1]["role"] == "assistant" for r in rows)
     result = sft.run(cfg)

@@ -49,3 +49,31 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert (run / "data" / "train.jsonl").read_text() == gen
     assert "distill" not in r2.stderr or "8/8" in r2.stderr
+
+
+def test_every_elicitation_strategy_on_the_packaged_teacher_then_sft(tmp_path):
+    """configs/generate-strategies.yaml as shipped (shorter answers): every strategy asks the real
+    teacher, the dataset is written with its manifest, and `kdkit sft` trains a student on it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "gs"
+    overrides = [f"run.dir={run}", f"data.train={run / 'data' / 'train'}", "generate.max_new_tokens=32",
+                 "train.max_steps=3", "train.save_every=0", "eval.student_before=false"]
+    for verb in ("generate", "sft"):
+        r = subprocess.run([sys.executable, "-m", "kdkit.cli", verb, "configs/generate-strategies.yaml", *overrides],
+                           capture_output=True, text=True, timeout=900, cwd=root)
+        assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((run / "data" / "train" / "manifest.json").read_text())
+    tasks = manifest["tasks"]
+    assert {t["strategy"] for t in tasks.values()} == {"labelling", "expansion", "curation", "feature",
+                                                       "self_knowledge", "chain_of_thought"}
+    for name, task in tasks.items():  # every item is accepted or rejected for a counted reason
+        assert task["accepted"] + sum(task["rejected"].values()) >= task["seeds"] > 0, name
+    assert tasks["cot"]["max_new_tokens"] == 96 and tasks["label"]["max_new_tokens"] == 32
+    assert manifest["teacher"]["backend"] == "local" and manifest["license"]["status"] == "permitted"
+    assert manifest["counts"]["rows"] > 0
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 3 and all(h["loss"] > 0 for h in history)
+    card = (run / "student" / "README.md").read_text()
+    assert "smollm2-135m-instruct" in card and "apache-2.0" in card

@@ -174,6 +174,8 @@ class TaskConfig(Section):
     review: Literal["grade", "refine"] = Field("grade", description="self_knowledge: grade (a 1-10 score for the "
                                                                     "judge filter) or refine (a rewritten answer)")
     top_logprobs: int = Field(5, ge=1, description="feature: teacher log-probs kept per token")
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens generated per teacher answer in this task's "
+                                       "stages (null: generate.max_new_tokens); e.g. long for chain_of_thought")
     system: str | None = Field(None, description="system turn of the training rows (null: none)")
 
 

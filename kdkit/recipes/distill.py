@@ -19,6 +19,7 @@ from kdkit.teacher.cross_tokenizer import cross_tokenizer_signal_fn
 from kdkit.teacher.modes import mode_signal
 from kdkit.teacher.online import online_signal_fn
 from kdkit.train.dist import init as dist_init
+from kdkit.train.dist import prepare_teacher
 from kdkit.train.features import feature_plugins
 from kdkit.train.loop import Plugins, distill, pick_device
 from kdkit.train.modes import add_mode_plugins, self_distill_teacher
@@ -44,8 +45,8 @@ def signal_source(cfg: Config, teacher, tok, student, train):
                               temperature=cfg.loss.temperature)
         return cache_signal_fn(reader, expected=expected, data_hash=dataset_hash(train)), vocab
     vocab = shared_vocab_size(teacher.tokenizer, tok, head_rows(teacher.model), head_rows(student))
-    teacher.model.to(pick_device(cfg.train.device))
-    return online_signal_fn(teacher.model, vocab=vocab, provenance=teacher.provenance(cfg.loss.temperature)), vocab
+    model = prepare_teacher(teacher.model, dist_init(cfg.train.distributed), cfg.train, pick_device(cfg.train.device))
+    return online_signal_fn(model, vocab=vocab, provenance=teacher.provenance(cfg.loss.temperature)), vocab
 
 
 def with_modes(cfg: Config, plugins: Plugins, signal_fn, *, teacher, tok, student, vocab: int):
@@ -109,6 +110,8 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
         features.finish(run_dir, save=result.main)
     if not result.main:  # another rank of a distributed run: rank 0 evaluates and saves
         return {"run_dir": run_dir, "history": result.history}
+    if cfg.train.distributed == "fsdp2":  # the teacher's shards went with the process group: evaluate a reloaded one
+        teacher.reload()
     student = merge_lora(result.student)  # a plain HF model again (FSDP2: gathered; LoRA: merged)
 
     # ---- evaluate and save

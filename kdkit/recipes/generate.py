@@ -61,7 +61,7 @@ def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
 
 
 def _backend(cfg: Config, teacher):
-    """(complete(examples, out, top_logprobs=0) -> out, a description of the teacher, the local Teacher or None)."""
+    """(complete(examples, out, top_logprobs=0, max_new_tokens=None) -> out, a description of the teacher, the local Teacher or None)."""
     gc, tc = cfg.generate, cfg.teacher
     if tc.backend == "vllm":
         return (*_vllm_backend(cfg), None)
@@ -71,10 +71,10 @@ def _backend(cfg: Config, teacher):
         model = common_model([ChatClient(url, api_key=api_key, api_key_env=tc.api_key_env, timeout=tc.timeout_s,
                                          max_retries=tc.max_retries) for url in urls], tc.model)
 
-        def complete(examples, out, *, top_logprobs: int = gc.top_logprobs):
+        def complete(examples, out, *, top_logprobs: int = gc.top_logprobs, max_new_tokens: int | None = None):
             return generate_answers_http(
                 examples, out, base_urls=urls, model=model, api_key=api_key,
-                api_key_env=tc.api_key_env, max_new_tokens=gc.max_new_tokens,
+                api_key_env=tc.api_key_env, max_new_tokens=max_new_tokens or gc.max_new_tokens,
                 temperature=gc.temperature if gc.do_sample else 0.0, top_p=gc.top_p,
                 concurrency=tc.concurrency, timeout=tc.timeout_s, max_retries=tc.max_retries,
                 seed=cfg.train.seed, top_logprobs=top_logprobs)
@@ -82,9 +82,9 @@ def _backend(cfg: Config, teacher):
         return complete, {"backend": "http", **where, "model": model}, None
     teacher = teacher or load_teacher(cfg)
 
-    def complete(examples, out, *, top_logprobs: int = 0):
+    def complete(examples, out, *, top_logprobs: int = 0, max_new_tokens: int | None = None):
         return generate_answers(teacher.model, teacher.tokenizer, examples, out,
-                                max_new_tokens=gc.max_new_tokens, batch_size=gc.batch_size,
+                                max_new_tokens=max_new_tokens or gc.max_new_tokens, batch_size=gc.batch_size,
                                 do_sample=gc.do_sample, temperature=gc.temperature, top_p=gc.top_p,
                                 seed=cfg.train.seed, top_logprobs=top_logprobs)
     return complete, {"backend": "local", "teacher": teacher.source.id, "license": teacher.license}, teacher
@@ -97,14 +97,14 @@ def _vllm_backend(cfg: Config):
     src = resolve(tc.path, gguf_file=tc.gguf_file)
     engine = None
 
-    def complete(examples, out, *, top_logprobs: int = gc.top_logprobs):
+    def complete(examples, out, *, top_logprobs: int = gc.top_logprobs, max_new_tokens: int | None = None):
         nonlocal engine
         if engine is None:
             directory = hf_directory(src, Path(cfg.run.dir), trust_remote_code=tc.trust_remote_code)
             k = max([gc.top_logprobs, *(t.top_logprobs for t in gc.tasks if t.strategy == "feature")])
             engine = load_engine(directory, engine_args=tc.engine_args, top_logprobs=k, seed=cfg.train.seed,
                                  trust_remote_code=tc.trust_remote_code)
-        return generate_answers_vllm(engine, examples, out, max_new_tokens=gc.max_new_tokens,
+        return generate_answers_vllm(engine, examples, out, max_new_tokens=max_new_tokens or gc.max_new_tokens,
                                      temperature=gc.temperature if gc.do_sample else 0.0, top_p=gc.top_p,
                                      seed=cfg.train.seed, top_logprobs=top_logprobs)
     return complete, {"backend": "vllm", "teacher": src.id, "license": read_license(src, tc.license),
@@ -120,7 +120,8 @@ def _run_tasks(cfg: Config, complete, *, source: dict, decision: dict, out: Path
         result = run_task(task, complete=complete, stage_dir=out.parent / "stages", seed=cfg.train.seed,
                           want_confidence=want_confidence)
         items += result["items"]
-        tasks[task.name] = {"strategy": task.strategy, "templates": result["templates"], **result["counts"]}
+        tasks[task.name] = {"strategy": task.strategy, "templates": result["templates"],
+                            "max_new_tokens": task.max_new_tokens or gc.max_new_tokens, **result["counts"]}
     manifest = {"teacher": source, "license": decision, "sampling": _sampling(cfg), "filters": fc.model_dump(),
                 "tasks": tasks, "counts": {"accepted": len(items)}}
     write_dataset(items, out, filters=fc, shard_size=gc.shard_size, manifest=manifest,

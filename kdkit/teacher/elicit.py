@@ -1,7 +1,8 @@
 """Elicitation strategies: how a task of `generate.tasks` gets knowledge out of a black-box teacher.
 
 Each strategy is a few rounds ("stages") of teacher calls. A stage is a list of (id, prompt) requests
-answered by `complete(examples, path, top_logprobs=k)` — the local or the served backend — into
+answered by `complete(examples, path, top_logprobs=k, max_new_tokens=n)` — the local, served or vLLM
+backend; n is the task's `max_new_tokens` — into
 its own resumable jsonl file (RUN_DIR/data/stages/TASK.STAGE.jsonl); a rerun after a kill skips the
 ids already answered, and since every id comes from the task name and a seed index, an interrupted
 and an uninterrupted run end with the same ids.
@@ -53,8 +54,9 @@ CONFIDENCE_K = 5  # top-k asked for when only the confidence filters need log-pr
 class Stages:
     """Runs one task's stages through the backend, each into its own resumable jsonl file."""
 
-    def __init__(self, complete: Callable, stage_dir: Path, task: str):
+    def __init__(self, complete: Callable, stage_dir: Path, task: str, *, max_new_tokens: int | None = None):
         self.complete, self.stage_dir, self.task = complete, stage_dir, task
+        self.max_new_tokens = max_new_tokens  # the task's answer length (None: generate.max_new_tokens)
 
     def __call__(self, stage: str, prompts: dict[str, str], *, top_logprobs: int = 0) -> dict[str, dict]:
         """{id: {"text", "logprobs"}} for every id of `prompts` (id → the user message sent)."""
@@ -62,7 +64,7 @@ class Stages:
         self._check_prompts(path, prompts, top_logprobs=top_logprobs)
         examples = [Example(id=i, messages=[{"role": "user", "content": p}]) for i, p in prompts.items()]
         if examples:
-            self.complete(examples, path, top_logprobs=top_logprobs)
+            self.complete(examples, path, top_logprobs=top_logprobs, max_new_tokens=self.max_new_tokens)
         rows = {}
         for row in _rows(path):
             rows[row["id"]] = {"text": row["messages"][-1]["content"], "logprobs": row.get("teacher_logprobs")}
@@ -97,7 +99,7 @@ def run_task(task, *, complete: Callable, stage_dir: Path, seed: int, want_confi
     templates = {slot: load_template(ref, where=f"{where}.templates.{slot}") for slot, ref in refs.items()}
     demos = read_demonstrations(task.demonstrations)
     rejected: Counter = Counter()
-    stages = Stages(complete, stage_dir, task.name)
+    stages = Stages(complete, stage_dir, task.name, max_new_tokens=task.max_new_tokens)
     if task.strategy in ("expansion", "curation"):
         seeds = _write_inputs(task, templates["input"], demos, stages, rejected, seed=seed, where=where)
     else:

@@ -1,4 +1,5 @@
-"""Data-parallel training on the one loop: DDP-style replication or FSDP2 sharding of the student.
+"""Data-parallel training on the one loop: DDP-style replication or FSDP2 sharding of the student
+(and of the frozen online teacher).
 
 Started by `torchrun` or `accelerate launch` (both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*),
 a run initialises the process group from the environment (gloo on CPU, nccl on CUDA). The rules:
@@ -12,7 +13,16 @@ a run initialises the process group from the environment (gloo on CPU, nccl on C
   the accumulation (DDP with `no_sync` over the micro-batches). Not torch's DDP wrapper: the fused
   loss and the plugins call the decoder and the head directly, never the wrapped forward.
 - fsdp2: every decoder layer and the student are `fully_shard`ed; the loss is scaled by the world
-  size before backward, undoing the reduce-scatter's average. The teacher stays frozen and replicated; it never holds gradients or optimizer state.
+  size before backward, undoing the reduce-scatter's average.
+- The online teacher is frozen (requires_grad=False, run under no_grad, never in the optimizer).
+  ddp/none: replicated on every device. fsdp2 (`shard_teacher`): sharded like the student, each
+  decoder layer gathered for its forward and freed after it. Its embeddings, final norm and head
+  belong to a `RootCall` root: `decoder_hidden(root)` runs through the root's forward, which gathers
+  them (the root, `reshard_after_forward=False`, keeps them gathered after it), and `project(root,
+  rows)` then calls the gathered head, whose forward hook reshards the root (frees them) until the
+  next micro-batch. So at rest every rank holds 1/world of the teacher; at peak, its embeddings and
+  head plus one layer. `train.teacher_offload` keeps the shards in CPU memory (CPUOffloadPolicy: each
+  group is copied to the GPU as it is gathered); on a CPU-only run it has nothing to do.
 """
 
 from __future__ import annotations
@@ -213,6 +223,58 @@ def shard_student(ctx: DistContext, student: torch.nn.Module) -> torch.nn.Module
     return fully_shard(RootCall(student))
 
 
+def _per_head_norms(layer: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The per-head q/k norms of a layer (Qwen3, OLMo-2): attention distillation applies them to the
+    captured q/k after the forward (kdkit/models/capture.py), when a sharded copy would be unusable."""
+    attn = getattr(layer, "self_attn", None)
+    return {p for name in ("q_norm", "k_norm") if (m := getattr(attn, name, None)) is not None for p in m.parameters()}
+
+
+def shard_teacher(ctx: DistContext, teacher: torch.nn.Module, *, offload: bool = False) -> torch.nn.Module:
+    """fsdp2: fully_shard every teacher decoder layer, then a `RootCall` root; returns the module the
+    online signal calls (`decoder_hidden`, `project`). `offload`: shards in CPU memory (CUDA only)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    if offload and _comm_device(ctx).type != "cuda":
+        if ctx.main:  # once per run
+            log.warning("train.teacher_offload has no effect on a CPU-only run: the teacher's shards are in CPU "
+                        "memory already")
+        offload = False
+    policy = {"offload_policy": CPUOffloadPolicy()} if offload else {}
+    for layer in decoder_layers(teacher):
+        whole = _per_head_norms(layer)  # a few head_dim vectors, whole on every rank
+        for p in whole:
+            p.data = p.data.to(_comm_device(ctx))  # FSDP2 leaves its ignored parameters where they are
+        fully_shard(layer, reshard_after_forward=True,  # forward only: free each layer after it
+                    **({"ignored_params": whole} if whole else {}), **policy)
+    # the root keeps the embeddings/norm/head gathered after its forward: `project` needs the head then
+    root = fully_shard(RootCall(teacher).eval(), reshard_after_forward=False, **policy)
+    # `project` calls the head after the root's forward: free the gathered embeddings/norm/head right after
+    # (reset_iter_state also drops FSDP's per-forward bookkeeping, which only a backward would clear)
+    release = getattr(root, "reset_iter_state", root.reshard)  # older torch: reshard() alone
+    teacher.get_output_embeddings().register_forward_hook(lambda module, args, output: release())
+    for p in root.parameters():
+        p.requires_grad_(False)  # frozen: no gradients, never in an optimizer
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in root.parameters())
+    log.info("teacher sharded over %d processes%s: %d of %d parameter elements on rank %d", ctx.world,
+             " (CPU-offloaded)" if offload else "", local, sum(p.numel() for p in root.parameters()), ctx.rank)
+    return root
+
+
+def check_teacher_offload(ctx: DistContext, tc) -> None:
+    if tc.teacher_offload and ctx.mode != "fsdp2":
+        raise UserError(f"train.teacher_offload=true needs train.distributed=fsdp2 (this run is {ctx.mode!r}): only "
+                        "a sharded teacher can keep its shards in CPU memory; set it to false or use fsdp2")
+
+
+def prepare_teacher(teacher: torch.nn.Module, ctx: DistContext, tc, device) -> torch.nn.Module:
+    """The frozen online teacher on this run's device: the module the signal calls (fsdp2: sharded)."""
+    check_teacher_offload(ctx, tc)
+    if ctx.mode == "fsdp2":
+        return shard_teacher(ctx, teacher, offload=tc.teacher_offload)
+    return teacher.to(device)
+
+
 def grad_scale(ctx: DistContext) -> float:
     """What a rank's loss is multiplied by before backward: FSDP2's reduce-scatter AVERAGES over
     ranks, while each rank's loss is its share of the global mean (a sum is due). A divide factor
@@ -246,6 +308,7 @@ def checkpointing(ctx: DistContext, ckpt_dir: Path, *, model, opt, sched, keep: 
 
 def prepare_student(student, ctx: DistContext, tc, device):
     """Checkpointing switch, device, and the FSDP2 shards: returns the module the step calls."""
+    check_teacher_offload(ctx, tc)
     if tc.gradient_checkpointing:  # recompute each layer in backward; no KV cache while training
         if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5 names it so
             student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -39,6 +39,10 @@ class Teacher:
             self._model = M.freeze(M.load_model(self.source, trust_remote_code=self.trust_remote_code))
         return self._model
 
+    def reload(self) -> None:
+        """Drop the weights (e.g. FSDP2 shards, unusable once training ends); `model` loads them again."""
+        self._model = None
+
     def provenance(self, temperature: float = 1.0) -> Provenance:
         return Provenance(
             teacher_id=self.source.id, tokenizer_hash=M.tokenizer_hash(self.tokenizer),
