@@ -7,6 +7,7 @@ a signal whose provenance does not match the run (see `Provenance.mismatches`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -84,6 +85,37 @@ class SparseSignal:
     @property
     def num_tokens(self) -> int:
         return self.ids.shape[0]
+
+
+@dataclass
+class HeadSignal:
+    """The online teacher as its last hidden rows and its lm_head: logits = rows @ head[:vocab]ᵀ (+ bias).
+
+    The fused loss forms these logits chunk by chunk and never holds them whole; `.logits` forms
+    them all at once, (N, vocab), for the dense path and for the modes that read them (cached).
+    """
+
+    rows: torch.Tensor  # (N, H_t) the teacher's final hidden states at the supervised positions
+    head: torch.Tensor  # (V_t, H_t) its lm_head weight
+    head_bias: torch.Tensor | None = None  # (V_t,)
+    vocab: int | None = None  # the shared vocabulary: logits keep the first `vocab` columns
+    provenance: Provenance = field(default_factory=Provenance)
+    weight: torch.Tensor | None = None  # (N,) per-token KD weight, as DenseSignal.weight
+    hidden: HiddenSignal | None = None  # the teacher's internals, as DenseSignal.hidden
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows.shape[0]
+
+    @functools.cached_property
+    def logits(self) -> torch.Tensor:
+        """(N, vocab) the whole logits: O(N × V) memory."""
+        v = self.vocab or self.head.shape[0]
+        bias = None if self.head_bias is None else self.head_bias[:v]
+        return torch.nn.functional.linear(self.rows, self.head[:v], bias)
+
+    def dense(self) -> DenseSignal:
+        return DenseSignal(self.logits, self.provenance, weight=self.weight, hidden=self.hidden)
 
 
 @dataclass

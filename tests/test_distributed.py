@@ -4,7 +4,8 @@ The global micro-batch is split between the ranks and every loss is normalised b
 supervised-token count, so a 2-process run follows the 1-process run step for step: the same loss
 curve and (ddp) the same final weights, up to float summation order. An FSDP2 run shards the
 student and the frozen teacher (half of each on each rank), trains, gathers a plain saved student,
-and resumes from its sharded (DCP) checkpoint to the same weights.
+and resumes from its sharded (DCP) checkpoint to the same weights; with the fused loss, trainable
+plugins (projectors, learned loss weights) and per-head q/k norms it follows the 1-process curve too.
 """
 
 from __future__ import annotations
@@ -91,9 +92,25 @@ def torchrun(config: Path, *overrides: str, resume: bool = False,
     return out
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r[key] for r in rows}
+
+
+def assert_same_curves(ref: Path, got: Path, *keys: str, rel: float) -> None:
+    """The metrics `keys` of run `got` follow run `ref`'s step for step."""
+    for key in keys:
+        a, b = losses(ref, key), losses(got, key)
+        assert list(b) == list(a) == list(range(1, STEPS + 1)), key
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=rel), (key, step, a, b)
+
+
+def one_and_two(config: Path, tmp_path: Path, *overrides: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """(the run in this process, the fsdp2 run on 2 processes, its output) of `config` + `overrides`."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    distill.run(load_config(config, [f"run.dir={one}", *overrides]))
+    return one, two, torchrun(config, f"run.dir={two}", "train.distributed=fsdp2", *overrides)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -128,6 +145,7 @@ def test_fsdp2_trains_and_resumes_from_sharded_checkpoint(dist_config, one_proce
     ref, got = losses(one_process), losses(whole)
     for step in ref:  # sharded student and teacher: the same curve
         assert got[step] == pytest.approx(ref[step], rel=1e-4), step
+    assert_same_curves(one_process, whole, "grad_norm", rel=1e-4)  # the head's gradient reaches the shards
     teacher = [json.loads((probe.parent / f"rank-{r}.json").read_text()) for r in range(2)]
     total = teacher[0]["total"]
     assert sum(t["local"] for t in teacher) == total  # every element on exactly one rank ...
@@ -135,6 +153,8 @@ def test_fsdp2_trains_and_resumes_from_sharded_checkpoint(dist_config, one_proce
         assert abs(t["local"] - total / 2) < 0.01 * total, t
         assert not t["requires_grad"] and not t["grads"] and not t["in_optimizer"], t
     assert "teacher_offload has no effect on a CPU-only run" in out.stderr  # CPU: nothing to offload to
+    # the fused loss (the default, as in the 1-process run) uses the sharded student's head, gathered by its forward
+    assert "loss.implementation=fused falls back" not in out.stderr, out.stderr[-4000:]
     ckpt = whole / "checkpoints" / "step-00000002"
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["extra"]["sharded"] and any(n.endswith(".distcp") for n in meta["sha256"])
@@ -152,3 +172,42 @@ def test_fsdp2_trains_and_resumes_from_sharded_checkpoint(dist_config, one_proce
 def test_teacher_offload_needs_fsdp2(dist_config, tmp_path):
     with pytest.raises(UserError, match="train.distributed=fsdp2"):
         distill.run(load_config(dist_config, [f"run.dir={tmp_path / 'run'}", "train.teacher_offload=true"]))
+
+
+def test_fsdp2_trains_projectors_and_learned_weights_like_one_process(dist_config, tmp_path):
+    """Trainable plugins (a hidden-state projector, learned loss weights) beside a sharded student:
+    their replicated gradients are summed over ranks, and the gradient norm spans both kinds."""
+    one, two, out = one_and_two(dist_config, tmp_path, "features.hidden.weight=1.0",
+                                "features.hidden.projector=xavier", "features.weighting=uncertainty")
+    assert_same_curves(one, two, "loss", "term/hidden", "grad_norm", rel=1e-4)
+    assert "falls back" not in out.stderr  # the fused loss (the default) on the sharded student
+    assert (two / "projector.safetensors").is_file()
+    for k, v in load_file(one / "projector.safetensors").items():
+        torch.testing.assert_close(load_file(two / "projector.safetensors")[k], v, rtol=0, atol=1e-4, msg=k)
+
+
+@pytest.fixture(scope="module")
+def qwen3_student(tmp_path_factory) -> Path:
+    """A tiny Qwen3 (per-head q/k norms) with the tiny teacher's tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from kdkit.models.tiny import BOS_ID, EOS_ID, PAD_ID, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    directory = tmp_path_factory.mktemp("qwen3")
+    Qwen3ForCausalLM(config).save_pretrained(directory)  # its weights are unused: student.init=config
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_fsdp2_attention_features_with_per_head_norms(dist_config, qwen3_student, tmp_path):
+    """A student whose attention applies per-head q/k norms (Qwen3, OLMo-2): the attention term
+    re-applies them after the forward, so they stay whole on every rank (and train like one process).
+    The dense loss here: the sharded student's head called after its forward (the fused loss: above)."""
+    one, two, _ = one_and_two(dist_config, tmp_path, f"student.path={qwen3_student}",
+                              "features.attention.weight=1.0", "loss.implementation=dense")
+    assert_same_curves(one, two, "loss", "term/attention", "grad_norm", rel=1e-4)
+    assert_same_weights(weights(one), weights(two), atol=1e-4)

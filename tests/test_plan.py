@@ -39,6 +39,16 @@ def test_sharding_batch_and_switches_move_the_estimate(tiny_config):
     one, two = plan_memory(cfg, world=1), plan_memory(cfg, world=2)
     assert two.parts["AdamW state"] == one.parts["AdamW state"] // 2
     assert two.parts["activations"] == one.parts["activations"] // 2  # half the micro-batch per device
+    t, _ = (shapes_of(c) for c in model_configs(cfg))
+    assert one.parts["teacher weights"] == 4 * t.params  # the frozen teacher is sharded too ...
+    assert two.parts["teacher weights"] == 4 * t.params // 2
+    gathered = 4 * (t.params - t.layers * t.layer_params + t.layer_params)  # ... its root and a layer gathered
+    assert two.parts["teacher forward"] == one.parts["teacher forward"] // 2 + gathered
+    ddp = load_config(tiny_config, ["train.batch_size=8", "train.distributed=ddp"])
+    cross = load_config(tiny_config, ["train.batch_size=8", "train.distributed=fsdp2", "loss.divergence=uld",
+                                      "modes.cross_tokenizer.enabled=true"])
+    for replicated in (ddp, cross):  # a whole teacher on every device
+        assert plan_memory(replicated, world=2).parts["teacher weights"] == 4 * t.params
     ckpt = plan_memory(load_config(tiny_config, ["train.gradient_checkpointing=true", "data.max_length=512"]))
     full = plan_memory(load_config(tiny_config, ["data.max_length=512"]))
     assert ckpt.parts["activations"] < 0.6 * full.parts["activations"]  # 2 layers: ~1 kept

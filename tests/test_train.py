@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from kdkit.config import load_config
 from kdkit.data.render import tokenize_examples
 from kdkit.data.sources import load_examples
 from kdkit.recipes import distill
+from kdkit.signal import HeadSignal
 from kdkit.teacher.online import online_signal_fn
 from kdkit.train.loop import micro_batches, train_step
 from kdkit.train.setup import build_student, load_teacher
@@ -229,3 +231,43 @@ def test_fused_implementation_matches_dense_in_training(tiny_config):
     assert fused["top1"] == dense["top1"] > 0  # progress metrics computed per chunk on the fused path
     for name in g_dense:
         torch.testing.assert_close(g_fused[name], g_dense[name], rtol=1e-4, atol=1e-6)
+
+
+class _NoWholeLogits(HeadSignal):
+    """A HeadSignal whose whole logits must never be formed (the fused path's promise)."""
+
+    @property
+    def logits(self):
+        raise AssertionError("the (N, V) teacher logits were formed")
+
+
+@pytest.mark.parametrize("impl,compiled", [("fused", False), ("fused", True), ("dense", False)])
+def test_the_online_teacher_as_rows_and_head_matches_its_logits(tiny_config, impl, compiled):
+    """online_signal_fn(lazy=True) hands over the teacher's rows + lm_head (HeadSignal): the same loss,
+    metrics and gradients as its dense logits, on the fused path (eager and compiled) without ever
+    forming the teacher's (N, V) logits, and on the dense path (formed there, as it must)."""
+    cfg = load_config(tiny_config)
+    teacher = load_teacher(cfg)
+    data = tokenize_examples(load_examples(cfg.data.train), teacher.tokenizer, max_length=64)
+    vocab = len(teacher.tokenizer)
+    dense_fn = online_signal_fn(teacher.model, vocab=vocab, provenance=teacher.provenance())
+    lazy_fn = online_signal_fn(teacher.model, vocab=vocab, provenance=teacher.provenance(), lazy=True)
+    assert isinstance(lazy_fn(next(iter(micro_batches(data, 0, batch_size=4, grad_accum=1, seed=0, pad_id=0)))),
+                      HeadSignal)
+
+    def guarded(batch):
+        s = lazy_fn(batch)
+        return _NoWholeLogits(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
+
+    batches = micro_batches(data, 0, batch_size=4, grad_accum=2, seed=0, pad_id=0)
+    cfg.loss.implementation, cfg.loss.compile = impl, compiled
+    results = []
+    for fn in (dense_fn, guarded if impl == "fused" else lazy_fn):
+        student = build_student(cfg, teacher)[0]
+        out = train_step(student, batches, fn, cfg, vocab=vocab, device="cpu", precision="fp32")
+        results.append((out, {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (a, g_a), (b, g_b) = results
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["kl"] == pytest.approx(a["kl"], rel=1e-5)
+    assert b["top1"] == a["top1"] > 0
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], rtol=1e-4, atol=1e-6)

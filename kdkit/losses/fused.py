@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kdkit.signal import DenseSignal, SparseSignal
+from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
 
 from .divergences import DIVERGENCES
 from .fused_chunk import Spec, chunk_grad, padded_step, step_rows
@@ -224,7 +224,7 @@ def fused_distill_loss(
     *,
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
-    teacher_logits: DenseSignal | SparseSignal | Tensor | None = None,
+    teacher_logits: DenseSignal | SparseSignal | HeadSignal | Tensor | None = None,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     divergence: str = "forward_kl",
@@ -243,7 +243,8 @@ def fused_distill_loss(
     """`distill_loss` on logits = hidden (N, H) @ weight[:vocab]ᵀ (+ bias), chunk by chunk over rows.
 
     The teacher is `teacher_hidden` (N, H_t) + `teacher_weight` (V, H_t) (+ `teacher_bias`), or
-    `teacher_logits`: (N, V) logits, a DenseSignal, or a top-k SparseSignal of N rows (the k + 1
+    `teacher_logits`: (N, V) logits, a DenseSignal, a HeadSignal (the online teacher's rows and
+    head, taken as teacher_hidden + teacher_weight), or a top-k SparseSignal of N rows (the k + 1
     buckets of `sparse.py`; `capture_temperature` as in `distill_loss`); it gets no gradient.
     `labels` (N,) use -100 for unsupervised rows, which are skipped entirely. `num_tokens` is the
     global supervised count of the optimizer step (gradient accumulation, several ranks); default:
@@ -260,6 +261,11 @@ def fused_distill_loss(
     _check_args(divergence, alpha, temperature, divergence_kwargs)
     if divergence not in DIVERGENCES:  # cross-vocabulary losses (uld) need both full distributions
         raise ValueError(f"the fused loss has no {divergence!r}; use distill_loss, or one of {sorted(DIVERGENCES)}")
+    given = teacher_logits  # its per-token `weight`, if any, is read below
+    if isinstance(teacher_logits, HeadSignal):  # the online teacher's rows and head: its logits per chunk
+        teacher_hidden, teacher_weight, teacher_bias = teacher_logits.rows, teacher_logits.head, teacher_logits.head_bias
+        vocab = teacher_logits.vocab if vocab is None else vocab
+        teacher_logits = None
     n = student_hidden.shape[0]
     signal = teacher_signal(teacher_logits, n)  # (N, V_t) logits, a SparseSignal, or None
     if (signal is None) == (teacher_hidden is None or teacher_weight is None):
@@ -289,7 +295,7 @@ def fused_distill_loss(
     chunk = chunk_size or auto_chunk_size(vocab, memory_budget_bytes=memory_budget_bytes)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
-    token_weight = getattr(teacher_logits, "weight", None)  # (N,) a signal's per-token KD weight, or None
+    token_weight = getattr(given, "weight", None)  # (N,) a signal's per-token KD weight, or None
     if token_weight is not None:
         token_weight = token_weight.detach().to(device=student_hidden.device, dtype=torch.float32)
     total, kd, ce, kl, top1 = _apply(*inputs, labels, token_weight, student, teacher, count, spec, chunk, compiled)

@@ -46,7 +46,8 @@ def signal_source(cfg: Config, teacher, tok, student, train):
         return cache_signal_fn(reader, expected=expected, data_hash=dataset_hash(train)), vocab
     vocab = shared_vocab_size(teacher.tokenizer, tok, head_rows(teacher.model), head_rows(student))
     model = prepare_teacher(teacher.model, dist_init(cfg.train.distributed), cfg.train, pick_device(cfg.train.device))
-    return online_signal_fn(model, vocab=vocab, provenance=teacher.provenance(cfg.loss.temperature)), vocab
+    return online_signal_fn(model, vocab=vocab, provenance=teacher.provenance(cfg.loss.temperature),
+                            lazy=cfg.loss.implementation == "fused"), vocab
 
 
 def with_modes(cfg: Config, plugins: Plugins, signal_fn, *, teacher, tok, student, vocab: int):

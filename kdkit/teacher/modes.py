@@ -21,7 +21,7 @@ from kdkit.config import SelectiveConfig
 from kdkit.errors import UserError
 from kdkit.models import load as M
 from kdkit.models.forward import supervised_logits, supervised_positions
-from kdkit.signal import DenseSignal, Provenance, SparseSignal
+from kdkit.signal import DenseSignal, HeadSignal, Provenance, SparseSignal
 
 from .online import online_signal_fn
 
@@ -82,7 +82,7 @@ def mixture_signal_fn(signal_fns: list[Callable], weights: list[float], *, combi
 
 
 def _dense(signal) -> torch.Tensor:
-    if not isinstance(signal, DenseSignal):
+    if not isinstance(signal, (DenseSignal, HeadSignal)):
         raise UserError("multi-teacher mixing needs online teachers (dense logits): set teacher.signal=online")
     return signal.logits
 

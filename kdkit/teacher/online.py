@@ -1,4 +1,5 @@
-"""The online teacher: a frozen model run inside the training step, giving a DenseSignal."""
+"""The online teacher: a frozen model run inside the training step, giving a DenseSignal (or, for the
+fused loss, a HeadSignal: its hidden rows and lm_head)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,33 @@ import logging
 import torch
 
 from kdkit.models.forward import decoder_hidden, project, supervised_positions
-from kdkit.signal import DenseSignal, Provenance
+from kdkit.signal import DenseSignal, HeadSignal, Provenance
 
 log = logging.getLogger(__name__)
 
 
-def online_signal_fn(teacher, *, vocab: int, provenance: Provenance):
-    """`signal_fn(batch) -> DenseSignal` for the training loop: teacher logits at supervised rows.
+def online_signal_fn(teacher, *, vocab: int, provenance: Provenance, lazy: bool = False):
+    """`signal_fn(batch) -> DenseSignal | HeadSignal` for the training loop: the teacher at supervised rows.
 
+    `lazy` (the fused loss): a HeadSignal, the teacher's last hidden rows + its lm_head, whose logits
+    the loss forms chunk by chunk; where the head is not a plain linear layer here (softcapped, or
+    sharded by FSDP2) the logits are formed at once, as without `lazy`: a DenseSignal.
     When the teacher's head has more rows than the shared vocabulary (padded embeddings), the
     extra columns are dropped; the teacher probability mass they held is logged once.
     """
     reported = False
+    head = teacher.get_output_embeddings()
+    lazy = lazy and plain_head(teacher)
 
     @torch.no_grad()
-    def signal_fn(batch: dict) -> DenseSignal:
+    def signal_fn(batch: dict) -> DenseSignal | HeadSignal:
         nonlocal reported
         hidden = decoder_hidden(teacher, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
         mask, _ = supervised_positions(batch["labels"])
-        logits = project(teacher, hidden[:, :-1][mask])  # (N, V_teacher)
+        rows = hidden[:, :-1][mask]  # (N, H)
+        if lazy and (reported or head.weight.shape[0] <= vocab):
+            return HeadSignal(rows, head.weight, head.bias, vocab=vocab, provenance=provenance)
+        logits = project(teacher, rows)  # (N, V_teacher)
         if logits.shape[-1] > vocab and not reported:
             dropped = torch.softmax(logits.float(), -1)[:, vocab:].sum(-1).mean()
             log.warning("teacher logits have %d rows beyond the shared vocabulary of %d; they held %.2e "
@@ -34,3 +43,11 @@ def online_signal_fn(teacher, *, vocab: int, provenance: Provenance):
         return DenseSignal(logits[:, :vocab], provenance)
 
     return signal_fn
+
+
+def plain_head(model) -> bool:
+    """Whether the model's logits are exactly its lm_head's linear map (no softcapping, not sharded)."""
+    head = model.get_output_embeddings()
+    if getattr(getattr(model, "config", None), "final_logit_softcapping", None):
+        return False
+    return isinstance(head, torch.nn.Linear) and type(head.weight) is torch.nn.Parameter

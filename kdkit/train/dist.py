@@ -13,7 +13,12 @@ a run initialises the process group from the environment (gloo on CPU, nccl on C
   the accumulation (DDP with `no_sync` over the micro-batches). Not torch's DDP wrapper: the fused
   loss and the plugins call the decoder and the head directly, never the wrapped forward.
 - fsdp2: every decoder layer and the student are `fully_shard`ed; the loss is scaled by the world
-  size before backward, undoing the reduce-scatter's average.
+  size before backward, undoing the reduce-scatter's average. The student's root (embeddings, final
+  norm, head) stays gathered from its forward to its backward, so the loss, dense or fused, uses the
+  head after the decoder and its gradient is reduce-scattered with the rest. Parameters outside the
+  shards (plugin projectors, learned loss weights, per-head q/k norms) are replicated: their
+  gradients are summed over ranks like ddp's (`sync_grads`), and `clip_grad_norm` combines both
+  kinds into the one global norm.
 - The online teacher is frozen (requires_grad=False, run under no_grad, never in the optimizer).
   ddp/none: replicated on every device. fsdp2 (`shard_teacher`): sharded like the student, each
   decoder layer gathered for its forward and freed after it. Its embeddings, final norm and head
@@ -164,12 +169,15 @@ def broadcast_params(ctx: DistContext, model: torch.nn.Module) -> None:
 
 def sync_grads(ctx: DistContext, model: torch.nn.Module) -> None:
     """Sum every replicated gradient over ranks, in one flat buffer per dtype, once per optimizer
-    step (ddp: all of them; fsdp2: those outside the shards, e.g. plugin projectors)."""
+    step (ddp: all of them; fsdp2: those outside the shards, e.g. plugin projectors, learned loss
+    weights, per-head q/k norms). fsdp2 scaled the loss by `grad_scale` for its reduce-scatter: the
+    replicated gradients are divided by it again, so they too are the full-batch gradient."""
     if ctx.mode == "none" or not ctx.active:
         return
     from torch.distributed.tensor import DTensor
 
     params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    scale = grad_scale(ctx)
     for p in params:
         if p.grad is None:  # every rank must reduce the same buffers
             p.grad = torch.zeros_like(p)
@@ -179,10 +187,36 @@ def sync_grads(ctx: DistContext, model: torch.nn.Module) -> None:
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if scale != 1.0:
+            flat /= scale
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Clip the gradients to `max_norm` (inf: measure only); returns the global L2 norm before
+    clipping. Under fsdp2 a gradient is either a DTensor shard (its norm reduced over the ranks) or
+    a replicated tensor, equal on every rank after `sync_grads` (counted once): torch's
+    clip_grad_norm_ refuses such a mix, so the two kinds are measured apart and combined."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if not sharded:  # one process, ddp (replicated, synced)
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    sq = torch.nn.utils.get_total_norm(sharded).full_tensor().double() ** 2  # full_tensor: over every shard
+    if whole:
+        sq = sq + torch.nn.utils.get_total_norm(whole).to(sq.device).double() ** 2
+    norm = float(sq.sqrt())
+    coef = max_norm / (norm + 1e-6)  # torch's clip_grad_norm_ formula
+    if coef < 1.0:  # a non-finite norm is not clipped: that step is skipped
+        for g in grads:
+            g.mul_(coef)  # a Python float: fine for DTensor and tensor alike
+    return norm
 
 
 def decoder_layers(student: torch.nn.Module) -> list[torch.nn.Module]:
@@ -197,10 +231,13 @@ class RootCall(torch.nn.Module):
     """The FSDP2 root around the student: its decoder is called through `self(...)`, so the root's
     hooks gather the embeddings, final norm and head, and the layers' hooks gather each block."""
 
-    def __init__(self, student: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, *, head_gathered: bool = False):
         super().__init__()
         self.student = student
         self.config = student.config
+        # the root keeps its parameters gathered from its forward to its backward (reshard_after_forward=False),
+        # so after `self(...)` the head's weight is a plain full Parameter the fused loss can use
+        self.head_gathered = head_gathered
 
     def forward(self, **kwargs):
         return self.student.get_decoder()(**kwargs)
@@ -219,8 +256,16 @@ def shard_student(ctx: DistContext, student: torch.nn.Module) -> torch.nn.Module
     if hasattr(student, "peft_config"):
         raise UserError("student.lora with train.distributed=fsdp2 is not supported; use ddp (adapters are small)")
     for layer in decoder_layers(student):
-        fully_shard(layer)
-    return fully_shard(RootCall(student))
+        whole = _per_head_norms(layer)  # whole on every rank, trained as replicated params (sync_grads)
+        fully_shard(layer, **({"ignored_params": whole} if whole else {}))
+    # the root (embeddings, final norm, head) stays gathered after its forward: the loss calls the head
+    # (dense) or multiplies by its weight (fused) after the decoder; its backward would gather it again anyway
+    return fully_shard(RootCall(student, head_gathered=True), reshard_after_forward=False)
+
+
+def head_gathered(model: torch.nn.Module) -> bool:
+    """Whether `model` is a sharded student whose head weight is a plain full Parameter after its forward."""
+    return bool(getattr(model, "head_gathered", False))
 
 
 def _per_head_norms(layer: torch.nn.Module) -> set[torch.nn.Parameter]:

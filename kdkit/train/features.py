@@ -22,7 +22,7 @@ from kdkit.losses.feature import align_heads, attention_loss, hidden_loss, unifo
 from kdkit.models.capture import FeatureCapture, attention_probs, decoder_layers
 from kdkit.models.forward import supervised_positions
 from kdkit.models.projector import Projectors
-from kdkit.signal import DenseSignal, HiddenSignal
+from kdkit.signal import DenseSignal, HeadSignal, HiddenSignal
 from kdkit.train.weighting import Weighting
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class FeatureKD:
         """The inner dense signal, carrying the teacher's HiddenSignal; arms the student's hooks."""
         with self.teacher_cap.recording():
             dense = self.inner(batch)
-        if not isinstance(dense, DenseSignal):
+        if not isinstance(dense, (DenseSignal, HeadSignal)):
             raise UserError("hidden/attention distillation needs the online teacher (teacher.signal=online)")
         mask, _ = supervised_positions(batch["labels"])  # (B, T-1)
         cap = self.teacher_cap

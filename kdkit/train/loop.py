@@ -26,7 +26,7 @@ from kdkit.data.collate import batch_order, collate
 from kdkit.data.render import TokenizedData
 from kdkit.losses import DIVERGENCES, distill_loss, forward_kl, fused_distill_loss, normalize, sparse_divergence
 from kdkit.models.forward import decoder_hidden, supervised_logits, supervised_positions
-from kdkit.signal import DenseSignal, SparseSignal
+from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
 from kdkit.train import dist as D
 from kdkit.train.metrics import MetricsWriter
 from kdkit.train.optim import build_optimizer
@@ -155,6 +155,8 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
             if use_fused(lc, student, signal, vocab=vocab):
                 parts, kl, agree = _fused_micro(student, batch, signal, lc, vocab=vocab, num_tokens=num_tokens)
             else:
+                if isinstance(signal, HeadSignal):  # the online teacher's rows + head: its logits, whole
+                    signal = signal.dense()
                 s_logits, targets = supervised_logits(student, batch, vocab=vocab)  # (N, V), (N,)
                 parts = distill_loss(s_logits, signal, targets, divergence=lc.divergence,
                                      temperature=lc.temperature, alpha=lc.alpha, num_tokens=num_tokens,
@@ -206,11 +208,14 @@ def fused_unsupported(lc, student, signal, *, vocab: int | None = None) -> str |
         return "the student's head applies final-logit softcapping (not a plain linear head)"
     head = getattr(student, "get_output_embeddings", lambda: None)()
     weight = getattr(head, "weight", None)
-    if not isinstance(head, torch.nn.Linear) or type(weight) is not torch.nn.Parameter:
+    # fsdp2: the head is sharded at rest, gathered (a plain Parameter) from the student's forward on
+    plain = type(weight) is torch.nn.Parameter or D.head_gathered(student)
+    if not isinstance(head, torch.nn.Linear) or not plain:
         return "the student has no plain linear lm_head here (e.g. a sharded or wrapped head)"
-    if isinstance(signal, DenseSignal):
-        if vocab is not None and signal.logits.shape[-1] < vocab:
-            return f"the teacher's logits have {signal.logits.shape[-1]} columns, fewer than vocab={vocab}"
+    if isinstance(signal, (DenseSignal, HeadSignal)):
+        columns = signal.head.shape[0] if isinstance(signal, HeadSignal) else signal.logits.shape[-1]
+        if vocab is not None and columns < vocab:
+            return f"the teacher's logits have {columns} columns, fewer than vocab={vocab}"
         return None
     if not isinstance(signal, SparseSignal):
         return f"no fused loss for a {type(signal).__name__} teacher"
@@ -232,11 +237,13 @@ def _fused_micro(student, batch, signal, lc, *, vocab: int, num_tokens: int):
     same chunks (`metrics=True`), as `agreement` gives them on the dense path."""
     hidden = decoder_hidden(student, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
     mask, targets = supervised_positions(batch["labels"])
-    head = student.get_output_embeddings()
+    head = student.get_output_embeddings()  # fsdp2: gathered by that forward; its gradient is reduce-scattered
+    if type(head.weight) is not torch.nn.Parameter:
+        raise RuntimeError(f"fused loss: the student's head weight is a {type(head.weight).__name__} after its forward")
     parts = fused_distill_loss(hidden[:, :-1][mask], head.weight, targets, teacher_logits=signal,
                                student_bias=head.bias, divergence=lc.divergence, temperature=lc.temperature,
                                alpha=lc.alpha, num_tokens=num_tokens, vocab=vocab, metrics=True,
-                               **_div_kwargs(lc))
+                               compiled=lc.compile, **_div_kwargs(lc))
     return parts, float(parts.kl), float(parts.top1)
 
 
@@ -292,10 +299,8 @@ def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str])
     """Clip and step; a non-finite loss or gradient skips the update (parameters, optimizer and
     schedule untouched) or stops the run, as `train.nonfinite` says. Returns whether it stepped."""
     max_norm = tc.max_grad_norm if tc.max_grad_norm else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over every shard
-        grad_norm = grad_norm.full_tensor()
-    m["grad_norm"], m["lr"] = float(grad_norm), sched.get_last_lr()[0]
+    # FSDP2: sharded (DTensor) and replicated (plugins', per-head norms') gradients in one global norm
+    m["grad_norm"], m["lr"] = D.clip_grad_norm(model.parameters(), max_norm), sched.get_last_lr()[0]
     finite = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     if finite:
         opt.step()

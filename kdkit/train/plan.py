@@ -2,14 +2,18 @@
 
 Shapes come from the model configs alone (models are built on the meta device: parameter counts
 are exact, no weights are read). Per device, with W processes (fsdp2 divides the student's
-weights, gradients and AdamW state by W and gathers one layer at a time):
+weights, gradients and AdamW state by W and gathers one layer at a time; it shards the online
+teacher's weights too, unless a cross-tokenizer teacher, and gathers its root and one layer in
+its forward):
 
     persistent       student weights 4·P_s (fp32 master), AdamW state 8·P_train, teacher weights 4·P_t
-                     (online teacher only: frozen, no grads, no optimizer state), a runtime allowance
+                     (online teacher only: frozen, no grads, no optimizer state; fsdp2: ÷W), a runtime
+                     allowance
     gradients        4·P_train: persistent under accumulation; else alive from backward to the step
     forward/backward activations b·T·L·(c_h·H + c_i·I + c_a·heads·T)·4 (checkpointing: b·T·L·H·4 +
-                     one layer), the teacher's forward, logits (dense: ~6 fp32 (N, V); fused: the
-                     teacher's (N, V) ×2 + ~4 (chunk, V)), and the head's gradient (written first)
+                     one layer), the teacher's forward (fsdp2: + its gathered root and one layer),
+                     logits (dense: ~6 fp32 (N, V); fused: the teacher's (N, V) ×2 + ~4 (chunk, V)),
+                     and the head's gradient (written first)
     optimizer step   AdamW's (foreach=False) ~2 temporaries of the largest parameter
 
 The peak is the persistent parts plus the larger of the two phases (zero_grad frees the gradients,
@@ -148,13 +152,18 @@ def plan_memory(cfg: Config, *, world: int = 1, seq_len: int | None = None, supe
     trainable = student.params if trainable is None else trainable
     shard = world if tc.distributed == "fsdp2" else 1
     online = cfg.teacher.signal == "online"
+    # fsdp2 shards the online teacher too (kdkit/train/dist.py shard_teacher); a cross-tokenizer teacher stays whole
+    t_shard = shard if online and not cfg.modes.cross_tokenizer.enabled else 1
+    # a sharded teacher's forward gathers its root (embeddings, final norm, head) and one layer at a time
+    t_root = teacher.params - teacher.layers * teacher.layer_params
+    t_gathered = 4 * (t_root + teacher.layer_params) if t_shard > 1 else 0
     parts = {
         "student weights": 4 * student.params // shard + (4 * student.layer_params if shard > 1 else 0),
         "gradients": 4 * trainable // shard,
         "AdamW state": 8 * trainable // shard,
-        "teacher weights": 4 * teacher.params if online else 0,
+        "teacher weights": 4 * teacher.params // t_shard if online else 0,
         "activations": activation_bytes(student, rows=b, seq=seq, checkpointing=tc.gradient_checkpointing),
-        "teacher forward": b * seq * (4 * teacher.hidden + 2 * teacher.intermediate) * 4 if online else 0,
+        "teacher forward": b * seq * (4 * teacher.hidden + 2 * teacher.intermediate) * 4 + t_gathered if online else 0,
     }
     chunk = None
     fused = cfg.loss.implementation == "fused" and online
