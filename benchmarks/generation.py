@@ -175,7 +175,8 @@ def engine_row(args, tok, examples, tmp: Path) -> list[dict]:
     if r.returncode != 0:
         print(f"vLLM engine: skipped (exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]})")
         return []
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too (its shutdown comes after the report): the report is the line with "load_s"
+    report = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith('{"load_s"')))
     print(f"vLLM engine loaded in {report['load_s']:.0f} s (not counted)")
     tokens = count_tokens(out, tok)
     row = {"backend": "vLLM offline engine", "prompts": len(examples), "tokens": tokens,
@@ -185,7 +186,7 @@ def engine_row(args, tok, examples, tmp: Path) -> list[dict]:
 
 
 def engine_worker(args, model_dir: Path, out: Path) -> None:
-    """Runs in .venv-vllm: prints {"load_s", "seconds"} as its last line."""
+    """Runs in .venv-vllm: prints {"load_s", "seconds"} on a line of its own."""
     from kdkit.teacher.vllm_engine import generate_answers_vllm, load_engine
 
     examples = load_examples(files("kdkit") / "assets" / "instructions" / "train.jsonl")[: args.prompts]
