@@ -159,7 +159,7 @@ def vllm_row(args, model, tok, examples, tmp: Path) -> list[dict]:
     print(f"vLLM server up in {startup:.0f} s (not counted)")
     try:
         return [timed(f"vLLM server (concurrency {args.concurrency})", lambda out: generate_answers_http(
-            examples, out, base_url=url, model=str(model_dir), api_key=None, max_new_tokens=args.max_new_tokens,
+            examples, out, base_urls=[url], model=str(model_dir), api_key=None, max_new_tokens=args.max_new_tokens,
             temperature=0.0, top_p=1.0, concurrency=args.concurrency, timeout=600, max_retries=2),
             tmp / "vllm.jsonl", tok, len(examples))]
     finally:

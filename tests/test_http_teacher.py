@@ -145,7 +145,7 @@ def _examples(n):
 
 
 def _run(srv, out, n, **kw):
-    args = dict(base_url=srv.url, model="fake-teacher", api_key=None, max_new_tokens=8, temperature=0.0,
+    args = dict(base_urls=[srv.url], model="fake-teacher", api_key=None, max_new_tokens=8, temperature=0.0,
                 top_p=1.0, concurrency=2, timeout=0.5, max_retries=6, backoff_s=0.01)
     return generate_answers_http(_examples(n), out, **{**args, **kw})
 
@@ -204,7 +204,7 @@ def test_missing_key_names_the_variable_and_unreachable_names_the_url(serve, tmp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(UserError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions.*is the server running"):
-        _run(srv, tmp_path / "b.jsonl", 1, base_url=f"http://127.0.0.1:{port}/v1", max_retries=1)
+        _run(srv, tmp_path / "b.jsonl", 1, base_urls=[f"http://127.0.0.1:{port}/v1"], max_retries=1)
 
 
 # ---------------------------------------------------------------- through the real command

@@ -275,22 +275,18 @@ def map_servers(clients: Sequence[ChatClient], items: Sequence, fn: Callable, *,
         raise
 
 
-def generate_answers_http(examples: list[Example], out_path: Path, *, base_urls: Sequence[str] = (),
-                          base_url: str | None = None, model: str | None, api_key: str | None, max_new_tokens: int,
-                          temperature: float, top_p: float, concurrency: int, timeout: float, max_retries: int,
-                          api_key_env: str = "OPENAI_API_KEY", seed: int = 0, top_logprobs: int = 0,
-                          backoff_s: float = 0.5) -> Path:
-    """Ask the servers (`base_urls`, or the one `base_url`) to answer every example; write
+def generate_answers_http(examples: list[Example], out_path: Path, *, base_urls: Sequence[str], model: str | None,
+                          api_key: str | None, max_new_tokens: int, temperature: float, top_p: float,
+                          concurrency: int, timeout: float, max_retries: int, api_key_env: str = "OPENAI_API_KEY",
+                          seed: int = 0, top_logprobs: int = 0, backoff_s: float = 0.5) -> Path:
+    """Ask the servers (`base_urls`: one, or replicas of one teacher) to answer every example; write
     {"id", "messages"[, "teacher_logprobs"]} lines.
 
     temperature 0 is greedy. Rows are written as requests complete (any order); a rerun skips the ids
     already in `out_path`. A request that fails for good stops the run with a UserError; the rows
     finished before it stay written."""
-    urls = list(base_urls) or ([base_url] if base_url else [])
-    if not urls:
-        raise ValueError("generate_answers_http needs base_urls (or base_url)")
     clients = [ChatClient(url, api_key=api_key, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
-                          concurrency=concurrency, backoff_s=backoff_s) for url in urls]
+                          concurrency=concurrency, backoff_s=backoff_s) for url in base_urls]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
     todo = [e for e in examples if e.id not in done]

@@ -12,7 +12,8 @@ its forward):
     gradients        4·P_train: persistent under accumulation; else alive from backward to the step
     forward/backward activations b·T·L·(c_h·H + c_i·I + c_a·heads·T)·4 (checkpointing: b·T·L·H·4 +
                      one layer), the teacher's forward (fsdp2: + its gathered root and one layer),
-                     logits (dense: ~6 fp32 (N, V); fused: the teacher's (N, V) ×2 + ~4 (chunk, V)),
+                     logits (dense: ~6 fp32 (N, V); fused: ~5 (chunk, V), the teacher's (N, V) ×2 instead
+                     of one of them when fsdp2 shards the teacher),
                      and the head's gradient (written first)
     optimizer step   AdamW's (foreach=False) ~2 temporaries of the largest parameter
 
@@ -169,7 +170,10 @@ def plan_memory(cfg: Config, *, world: int = 1, seq_len: int | None = None, supe
     fused = cfg.loss.implementation == "fused" and online
     if fused:
         chunk = min(auto_chunk_size(vocab), rows)
-        parts["logits"] = rows * vocab * 4 * 2 + chunk * vocab * 4 * FUSED_CHUNK  # teacher (N, V) + its softmax
+        # the online teacher comes as rows + head (HeadSignal): its logits per chunk, one more (chunk, V) buffer;
+        # a sharded teacher (fsdp2) gives its (N, V) logits whole (kdkit/teacher/online.py), + their softmax
+        teacher_logits = rows * vocab * 4 * 2 if t_shard > 1 else chunk * vocab * 4
+        parts["logits"] = teacher_logits + chunk * vocab * 4 * FUSED_CHUNK
     else:
         parts["logits"] = rows * vocab * 4 * (DENSE_LOGITS if online else 3)
     # AdamW (foreach=False) makes ~2 temporaries of each parameter in turn: the largest one counts
