@@ -46,8 +46,13 @@ def reverse_kl(s, t, temperature=1.0):
 
 
 def jsd(s, t, beta=0.5, temperature=1.0):
+    """TRL's generalized JSD: β = 0 is KL(p_T ‖ p_S), β = 1 is KL(p_S ‖ p_T), else the mixture form."""
     p_s, log_s = probs_and_logprobs(s, temperature)
     p_t, log_t = probs_and_logprobs(t, temperature)
+    if beta == 0:
+        return kl(p_t, log_t, log_s)
+    if beta == 1:
+        return kl(p_s, log_s, log_t)
     log_m = log_mixture(beta, log_t, log_s)
     return beta * kl(p_t, log_t, log_m) + (1 - beta) * kl(p_s, log_s, log_m)
 

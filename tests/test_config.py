@@ -48,3 +48,37 @@ def test_cli_exit_code_2_without_traceback(tmp_path):
     assert r.returncode == 2
     assert "unknown key 'trian'" in r.stderr and "did you mean 'train'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _validate(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return subprocess.run([sys.executable, "-m", "kdkit.cli", "config", "validate", str(p)],
+                          capture_output=True, text=True, timeout=300), p
+
+
+@pytest.mark.parametrize("skew,why", [(1, "0 for every input"), (1.5, "out of range"), (-0.1, "out of range")])
+def test_degenerate_skew_exits_2_naming_the_key(tmp_path, skew, why):
+    r, p = _validate(tmp_path, f"loss:\n  divergence: skew_forward_kl\n  skew: {skew}\n")
+    assert r.returncode == 2, r.stderr
+    assert f"{p}, line 3: loss.skew" in r.stderr and "[0, 1)" in r.stderr and why in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_jsd_end_points_and_skew_zero_are_valid(tmp_path):
+    for text in ("loss:\n  divergence: jsd\n  beta: 0\n", "loss:\n  divergence: jsd\n  beta: 1\n",
+                 "loss:\n  divergence: skew_reverse_kl\n  skew: 0\n"):
+        r, _ = _validate(tmp_path, text)
+        assert r.returncode == 0, r.stderr
+    assert "forward KL" in Config.model_fields["loss"].annotation.model_fields["beta"].description
+
+
+def test_kd_term_that_is_zero_for_every_input_with_all_the_weight_is_refused(tmp_path):
+    text = "loss:\n  alpha: 1\nmodes:\n  selective:\n    by: max_prob\n    threshold: 1.5\n"
+    r, _ = _validate(tmp_path, text)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    for key in ("loss.alpha", "modes.selective.by", "modes.selective.threshold"):
+        assert key in r.stderr, r.stderr
+    # the same selection with CE weighted in, or a reachable threshold, is a valid run
+    build_config({"loss": {"alpha": 0.5}, "modes": {"selective": {"by": "max_prob", "threshold": 1.5}}})
+    build_config({"modes": {"selective": {"by": "max_prob", "threshold": 1.0}}})

@@ -115,6 +115,19 @@ def test_dense_signal_teacher_with_inf_logits_matches_dense(name, kw, temperatur
     assert_parity(got, want)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("beta,kl_name", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_end_points_are_forward_and_reverse_kl(beta, kl_name, compiled):
+    """Fused jsd at β = 0 / 1 is the fused forward / reverse KL, and both equal the dense path."""
+    p = make_problem()
+    opts = dict(temperature=2.0, alpha=0.6, chunk_size=8, compiled=compiled)
+    got = fused(p, divergence="jsd", beta=beta, **opts)
+    kl = fused(p, divergence=kl_name, **opts)
+    assert got[0].kd > 1e-3
+    assert_parity(got, kl, rtol=1e-6)
+    assert_parity(got, dense(p, divergence=kl_name, temperature=2.0, alpha=0.6))
+
+
 def test_padded_head_uses_first_vocab_columns_only():
     p = make_problem()
     pad = lambda x, rows: torch.cat([x, torch.randn(rows, *x.shape[1:]) * 5])  # noqa: E731

@@ -87,6 +87,18 @@ def test_sparse_value_matches_the_fp64_bucket_reference(name):
     torch.testing.assert_close(parts.kd.double(), want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("beta,kl_name", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_end_points_are_forward_and_reverse_kl(beta, kl_name):
+    """Fused sparse jsd at β = 0 / 1 is the fused sparse forward / reverse KL, and equals the dense sparse path."""
+    p, t = make_problem(), teacher_logits(seed=4)
+    signal = signal_from(t, capture=1.0)
+    opts = dict(temperature=2.0, alpha=0.6)
+    got = fused_sparse(p, signal, divergence="jsd", beta=beta, chunk_size=6, **opts)
+    assert got[0].kd > 1e-3
+    assert_parity(got, fused_sparse(p, signal, divergence=kl_name, chunk_size=6, **opts), rtol=1e-6)
+    assert_parity(got, dense_sparse(p, signal, divergence=kl_name, **opts))
+
+
 def test_k_equal_v_equals_the_fused_dense_teacher():
     p, t = make_problem(), teacher_logits()
     opts = dict(divergence="jsd", beta=0.4, temperature=2.0, alpha=0.5, chunk_size=8)

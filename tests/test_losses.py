@@ -117,12 +117,52 @@ def test_jsd_tends_to_scaled_kls_at_the_ends():
     torch.testing.assert_close(jsd(s, t, beta=1 - eps) / eps, reverse_kl(s, t), rtol=1e-2, atol=0)
 
 
-@pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_jsd_end_points_are_exact_zeros_with_zero_grads(beta):
-    s, t = make_logits()  # teacher zeros: computing the formula would give 0·inf here
-    values, gs, gt = value_and_grads(jsd, s, t, torch.ones(s.shape[0]), beta=beta)
-    assert torch.equal(values, torch.zeros(s.shape[0]))
-    assert torch.equal(gs, torch.zeros_like(gs)) and torch.equal(gt, torch.zeros_like(gt))
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("beta,kl_name", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_end_points_are_forward_and_reverse_kl(beta, kl_name, temperature):
+    # β = 0 → KL(p_T ‖ p_S), β = 1 → KL(p_S ‖ p_T) (TRL's convention), value and gradient, and the
+    # fp64 reference agrees. Teacher zeros at β = 0 (forward KL stays finite there).
+    s, t = make_logits(teacher_zeros=beta == 0.0)
+    weights = torch.rand(s.shape[0], generator=torch.Generator().manual_seed(2)) + 0.5
+    got, gs, gt = value_and_grads(jsd, s, t, weights, beta=beta, temperature=temperature)
+    kl, ks, kt = value_and_grads(DIVERGENCES[kl_name], s, t, weights, temperature=temperature)
+    assert got.abs().min() > 1e-3  # not the old exact zeros
+    assert torch.equal(got, kl) and torch.equal(gs, ks) and torch.equal(gt, kt)
+    want, ws, wt = value_and_grads(ref.DIVERGENCES[kl_name], s.double(), t.double(), weights, temperature=temperature)
+    ref_jsd, rs, rt = value_and_grads(ref.jsd, s.double(), t.double(), weights, beta=beta, temperature=temperature)
+    assert torch.equal(ref_jsd, want) and torch.equal(rs, ws) and torch.equal(rt, wt)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gs.double(), ws, rtol=1e-5, atol=1e-5 * ws.abs().max().item())
+    torch.testing.assert_close(gt.double(), wt, rtol=1e-5, atol=1e-5 * wt.abs().max().item())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_equals_trl_generalized_jsd_loss(beta, temperature):
+    """kdkit's jsd is TRL's GKDTrainer.generalized_jsd_loss (trl==1.16.0), value and gradient, at every β."""
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(6, 29, generator=g) * 2, torch.randn(6, 29, generator=g) * 2  # finite: TRL has no -inf guard
+
+    def trl_jsd(s, t, *, beta, temperature):
+        per_entry = gkd.GKDTrainer.generalized_jsd_loss(s, t, beta=beta, temperature=temperature, reduction="none")
+        return per_entry.sum(-1)  # (N, V) → (N,)
+
+    weights = torch.rand(6, generator=g) + 0.5
+    got, gs, gt = value_and_grads(jsd, s, t, weights, beta=beta, temperature=temperature)
+    want, ws, wt = value_and_grads(trl_jsd, s.double(), t.double(), weights, beta=beta, temperature=temperature)
+    assert want.abs().min() > 1e-4
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gs.double(), ws, rtol=1e-5, atol=1e-5 * ws.abs().max().item())
+    torch.testing.assert_close(gt.double(), wt, rtol=1e-5, atol=1e-5 * wt.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["skew_forward_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("skew", [1.0, 1.5, -0.1])
+def test_degenerate_skew_is_refused(name, skew):
+    s, t = make_logits()
+    with pytest.raises(ValueError, match=r"skew must be in \[0, 1\)"):
+        DIVERGENCES[name](s, t, skew=skew)
 
 
 def make_labels(seed=0, n=7, v=30):

@@ -99,6 +99,20 @@ def test_tail_bucket_matches_fp64_reference(name, kw, temperature, k):
     torch.testing.assert_close(g_got.double(), g_want, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("k", [5, 29])
+@pytest.mark.parametrize("beta,kl_name", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_end_points_are_forward_and_reverse_kl(beta, kl_name, k):
+    """On the k + 1 buckets (re-normalised from T_c = 1 to T = 2), jsd at β = 0 / 1 is the bucketed KL."""
+    s, t = make_logits(seed=11)
+    signal = signal_from(t, k, temperature=1.0)
+    got, g_got = grads_of(lambda x: sparse_divergence("jsd", x, signal, temperature=2.0, beta=beta), s, WEIGHTS)
+    kl, g_kl = grads_of(lambda x: sparse_divergence(kl_name, x, signal, temperature=2.0), s, WEIGHTS)
+    assert got.abs().min() > 1e-3 and torch.isfinite(got).all()
+    assert torch.equal(got, kl) and torch.equal(g_got, g_kl)
+    want = ref.bucketed_divergence("jsd", s.double(), t.double(), k, 2.0, capture_temperature=1.0, beta=beta)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_tail_bucket_is_at_most_the_dense_divergence():
     s, t = make_logits(seed=3)
     dense = DIVERGENCES["forward_kl"](s, t)

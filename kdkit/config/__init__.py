@@ -58,6 +58,7 @@ class Config(Section):
         if self.student.init in ("pretrained", "config") and not self.student.path:
             raise ValueError(f"student.path is required when student.init is {self.student.init!r}")
         _check_modes(self)
+        _check_kd_term(self)
         if self.features.enabled and self.teacher.signal != "online":
             raise ValueError("features (hidden/attention distillation) read the teacher's internals in every step: "
                              "they need teacher.signal=online (or set features.*.weight to 0)")
@@ -86,6 +87,18 @@ def _check_modes(cfg: "Config") -> None:
     if cfg.teacher.signal == "cache" and (m.onpolicy.fraction > 0 or m.teachers.extra or m.self_distill.teacher != "off"):
         raise ValueError("on-policy, multi-teacher and self-distillation need teacher.signal=online "
                          "(a cache holds signals for the dataset's own answers only)")
+
+
+def _check_kd_term(cfg: "Config") -> None:
+    """Pre-flight: refuse a run whose whole loss (loss.alpha = 1) is a KD term that is 0 for every input."""
+    lc, sel = cfg.loss, cfg.modes.selective
+    if lc.alpha != 1.0:
+        return
+    # (loss.skew = 1, the other such case, is refused by its field whatever alpha is: LossConfig._check_skew)
+    if sel.by == "max_prob" and sel.threshold > 1.0:
+        raise ValueError(f"loss.alpha=1 gives all the weight to the KD term, but modes.selective.by=max_prob with "
+                         f"modes.selective.threshold={sel.threshold} > 1 keeps no token (a probability is at most "
+                         "1): lower the threshold, or set loss.alpha < 1")
 
 
 # ---------------------------------------------------------------- loading

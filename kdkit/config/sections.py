@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -96,8 +96,22 @@ class LossConfig(Section):
     )
     temperature: float = Field(1.0, gt=0.0, description="softens teacher and student alike; soft term scaled by T²")
     alpha: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs hard-label CE")
-    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: mixture weight of the teacher, M = β·p_T + (1-β)·p_S")
-    skew: float = Field(0.1, ge=0.0, le=1.0, description="skew_*: DistiLLM's α, the share of the first distribution in the mix")
+    beta: float = Field(
+        0.5, ge=0.0, le=1.0, description="jsd, as TRL's generalized_jsd_loss: 0 = forward KL(p_T ‖ p_S), 1 = reverse "
+        "KL(p_S ‖ p_T), between: β·KL(p_T ‖ M) + (1-β)·KL(p_S ‖ M) with M = β·p_T + (1-β)·p_S (0.5: the usual JSD)")
+    skew: float = Field(
+        0.1, description="skew_*: DistiLLM's α in [0, 1), the share of the first distribution in the mix: "
+        "skew_forward_kl = KL(p_T ‖ α·p_T + (1-α)·p_S), skew_reverse_kl = KL(p_S ‖ α·p_S + (1-α)·p_T); 0 = the plain KL")
+
+    @field_validator("skew")
+    @classmethod
+    def _check_skew(cls, skew: float) -> float:
+        # skew = 1 mixes a distribution with itself only: KL(p ‖ p) = 0 for every input, a loss that trains nothing
+        if not 0.0 <= skew < 1.0:
+            raise ValueError(f"skew must be in [0, 1) (0: the plain KL); {skew} "
+                             + ("makes the skew KL 0 for every input" if skew == 1.0 else "is out of range"))
+        return skew
+
     implementation: Literal["dense", "fused"] = Field(
         "fused", description="fused: the loss chunk by chunk from hidden states + lm_head, never the (N, V) logits "
         "(less memory; falls back to dense, logged, where it cannot apply, e.g. softcapped heads); dense: "

@@ -11,14 +11,15 @@ and such a row carries no gradient (it would be NaN).
 Conventions (stated here once):
 
 - `forward_kl` = KL(p_T ‖ p_S) (mode covering); `reverse_kl` = KL(p_S ‖ p_T) (mode seeking).
-- `jsd(beta)` is the generalized Jensen-Shannon divergence with the true mixture
-  M = β·p_T + (1−β)·p_S, valued β·KL(p_T ‖ M) + (1−β)·KL(p_S ‖ M); β = 0.5 is the usual JSD.
-  As β→0 it tends to β·KL(p_T ‖ p_S) (scaled forward KL), as β→1 to (1−β)·KL(p_S ‖ p_T)
-  (scaled reverse KL). β must lie in [0, 1]; β = 0 and β = 1 give exact zeros (to train on an
-  end point, use `forward_kl` / `reverse_kl`).
+- `jsd(beta)` follows TRL's `generalized_jsd_loss` (GKD, Agarwal et al., 2024) at every β: β = 0 is
+  the forward KL(p_T ‖ p_S), β = 1 the reverse KL(p_S ‖ p_T), and 0 < β < 1 the generalized
+  Jensen-Shannon divergence with the mixture M = β·p_T + (1−β)·p_S, valued
+  β·KL(p_T ‖ M) + (1−β)·KL(p_S ‖ M) (β = 0.5 is the usual JSD). The interior formula tends to
+  β·KL(p_T ‖ p_S) as β→0 and to (1−β)·KL(p_S ‖ p_T) as β→1, so the value jumps at the end points,
+  by design (TRL's convention: the end points name the two KLs, not the vanishing limits).
 - `skew_forward_kl(skew=α)` = KL(p_T ‖ α·p_T + (1−α)·p_S) and `skew_reverse_kl(skew=α)` =
-  KL(p_S ‖ α·p_S + (1−α)·p_T), the skew KLs of DistiLLM (Ko et al., 2024); α in [0, 1],
-  α = 0 is the plain KL, α = 1 gives 0.
+  KL(p_S ‖ α·p_S + (1−α)·p_T), the skew KLs of DistiLLM (Ko et al., 2024); α in [0, 1): α = 0 is
+  the plain KL; α = 1 would be KL(p ‖ p) = 0 for every input, and is refused.
 - `tvd` = ½·Σ|p_T − p_S|.
 """
 
@@ -37,6 +38,12 @@ _FLOOR = torch.finfo(torch.float32).min
 def _check_unit(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def _check_skew(skew: float) -> None:
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1) (0: the plain KL; 1 would make the loss 0 for every input), "
+                         f"got {skew!r}")
 
 
 def _check_temperature(temperature: float) -> None:
@@ -111,13 +118,14 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
 def jsd(
     student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0
 ) -> Tensor:
-    """β·KL(p_T ‖ M) + (1−β)·KL(p_S ‖ M), M = β·p_T + (1−β)·p_S: (N, V), (N, V) → (N,) fp32."""
+    """Generalized JSD (TRL's convention): β = 0 forward KL, β = 1 reverse KL, else
+    β·KL(p_T ‖ M) + (1−β)·KL(p_S ‖ M), M = β·p_T + (1−β)·p_S: (N, V), (N, V) → (N,) fp32."""
     _check_unit("beta", beta)
     log_s, log_t = _pair(student_logits, teacher_logits, temperature)
-    if beta in (0.0, 1.0):
-        # M equals one side, so the value is 0 exactly (computing it would give 0·inf = NaN where
-        # the other side has zeros). Built from the inputs so backward() runs and yields zeros.
-        return 0.0 * (log_s[:, 0].exp() + log_t[:, 0].exp())  # (N,)
+    if beta == 0.0:  # M would be p_S: the interior formula is 0 here; TRL's end point is KL(p_T ‖ p_S)
+        return _kl(log_t, log_s)
+    if beta == 1.0:  # KL(p_S ‖ p_T)
+        return _kl(log_s, log_t)
     log_m = _log_mix(log_t, log_s, beta)  # (N, V)
     return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
 
@@ -126,7 +134,7 @@ def skew_forward_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, skew: float = 0.1, temperature: float = 1.0
 ) -> Tensor:
     """KL(p_T ‖ α·p_T + (1−α)·p_S), α = skew: (N, V), (N, V) → (N,) fp32."""
-    _check_unit("skew", skew)
+    _check_skew(skew)
     log_s, log_t = _pair(student_logits, teacher_logits, temperature)
     return _kl(log_t, _log_mix(log_t, log_s, skew))
 
@@ -135,7 +143,7 @@ def skew_reverse_kl(
     student_logits: Tensor, teacher_logits: Tensor, *, skew: float = 0.1, temperature: float = 1.0
 ) -> Tensor:
     """KL(p_S ‖ α·p_S + (1−α)·p_T), α = skew: (N, V), (N, V) → (N,) fp32."""
-    _check_unit("skew", skew)
+    _check_skew(skew)
     log_s, log_t = _pair(student_logits, teacher_logits, temperature)
     return _kl(log_s, _log_mix(log_s, log_t, skew))
 
