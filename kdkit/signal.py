@@ -13,12 +13,20 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 
+# how an error message names each Provenance field
+FIELD_LABELS = {"teacher_id": "teacher id", "teacher_revision": "teacher weights hash",
+                "tokenizer_hash": "tokenizer hash", "chat_template_hash": "chat template hash",
+                "temperature": "temperature", "top_k": "top-k"}
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Where a signal came from. Two signals are interchangeable only if these agree."""
 
-    teacher_id: str = ""
-    teacher_revision: str = ""  # hash of the teacher weights (or file), "" when unknown
+    teacher_id: str = ""  # where the teacher came from (its path or alias; a served model's name)
+    # its weights' content hash (kdkit.models.fingerprint: "files:…" / "tensors:…"; a served cache:
+    # "served"), "" when unknown; the same weights at another path hash alike
+    teacher_revision: str = ""
     tokenizer_hash: str = ""
     chat_template_hash: str = ""
     temperature: float = 1.0

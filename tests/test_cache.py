@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,13 +22,17 @@ from kdkit.data.sources import to_example
 from kdkit.errors import UserError
 from kdkit.losses import distill_loss
 from kdkit.models import load as M
+from kdkit.models.fingerprint import files_hash, tensors_hash
 from kdkit.models.forward import supervised_positions
+from kdkit.models.tiny import save_tiny_model
 from kdkit.signal import Provenance, SparseSignal
 from kdkit.teacher import encoding
 from kdkit.teacher.axolotl import export_axolotl, import_axolotl
 from kdkit.teacher.cache import (
-    CacheReader, build_cache, cache_signal_fn, dataset_hash, read_manifest, repair_cache, verify_cache,
+    MANIFEST, CacheReader, build_cache, build_with, cache_signal_fn, dataset_hash, make_header, read_manifest,
+    refill, repair_cache, verify_cache,
 )
+from kdkit.utils import sha256_file
 from kdkit.teacher.online import online_signal_fn
 
 
@@ -85,8 +90,55 @@ def test_encoding_round_trip_within_the_documented_bound(k):
 
 def test_bytes_per_token_and_id_width():
     assert encoding.bytes_per_token(64, 49152) == 198 <= 200
-    assert encoding.id_dtype(65536) == np.uint16 and encoding.id_dtype(65537) == np.uint32
+    assert [encoding.id_bytes(v) for v in (65536, 65537, 2**24, 2**24 + 1)] == [2, 3, 3, 4]
     assert [encoding.bytes_per_token(k, 49152) for k in (8, 32, 64, 128)] == [30, 102, 198, 390]
+    assert [encoding.bytes_per_token(64, v) for v in (128256, 151936, 262144)] == [262, 262, 262]  # ≤ 264
+
+
+@pytest.mark.parametrize("vocab", [300, 2**16, 2**16 + 1, 151936, 2**24, 2**24 + 1, 2**32])
+def test_ids_round_trip_exactly_at_every_width(vocab):
+    g = torch.Generator().manual_seed(vocab % 1000)
+    edge = torch.tensor([0, 1, 255, 256, 65535, 65536, 2**24 - 2, 2**24 - 1, 2**24, 2**32 - 1])
+    edge = edge[edge < vocab]  # every byte boundary below the vocabulary, its last id included
+    rand = torch.randint(0, vocab, (40 * 8 - len(edge),), generator=g, dtype=torch.long)
+    ids = torch.cat([edge, torch.tensor([vocab - 1]), rand])[: 40 * 8].reshape(40, 8)  # (N, k)
+    lp = torch.log_softmax(torch.randn(40, 8, generator=g), -1)
+    arrays = encoding.encode(ids, lp, torch.full((40,), -3.0), vocab=vocab)
+    width = encoding.id_bytes(vocab)
+    assert arrays["ids"].nbytes == 40 * 8 * width  # packed: no byte above what the vocabulary needs
+    assert torch.equal(encoding.decode(arrays)[0], ids)
+    with pytest.raises(ValueError, match="token ids"):
+        encoding.encode(torch.full((1, 8), vocab), lp[:1], torch.zeros(1), vocab=vocab)
+
+
+def _synthetic_rows(vocab: int, k: int, data):
+    """`compute(first, last)` for build_with: ids crowding the top of the vocabulary (2^24 − 1 at 2^24)."""
+    counts = [sum(x != -100 for x in row[1:]) for row in data.labels]
+
+    def compute(first, last):
+        n = sum(counts[first:last])
+        g = torch.Generator().manual_seed(first)
+        ids = vocab - 1 - torch.stack([torch.randperm(min(vocab, 4 * k), generator=g)[:k] for _ in range(n)])
+        lp, _ = torch.log_softmax(torch.randn(n, k, generator=g) * 3, -1).sort(dim=-1, descending=True)
+        return ids.reshape(n, k), lp.reshape(n, k), torch.full((n,), -4.0)  # (n, k), (n, k), (n,)
+
+    return compute
+
+
+@pytest.mark.parametrize("vocab", [151936, 2**24])
+def test_packed_ids_survive_shards_and_row_slicing(teacher, tmp_path, vocab):
+    _, tok, prov = teacher
+    data = make_data(tok)
+    header = make_header(data, prov, k=8, temperature=1.0, vocab=vocab, shard_size=3, weights="files:test")
+    compute = _synthetic_rows(vocab, 8, data)
+    manifest = build_with(compute, data, tmp_path / "c", header, progress=False)
+    assert manifest["version"] == 2 and manifest["id_bytes"] == 3 and manifest["bytes_per_token"] == 8 * 4 + 6
+    reader = CacheReader(tmp_path / "c", verify=True)
+    want_ids, want_lp, want_tail = compute(3, 6)  # shard 1: examples 3, 4, 5
+    got = reader.signal(data.ids[3:6])
+    assert torch.equal(got.ids, want_ids) and int(got.ids.max()) == vocab - 1
+    # the log-probs exactly as encoded: nothing shifted by the 3-byte ids beside them
+    assert torch.equal(got.logprobs, encoding.decode(encoding.encode(want_ids, want_lp, want_tail, vocab=vocab))[1])
 
 
 # ---------------------------------------------------------------- build and read
@@ -248,3 +300,121 @@ def test_a_manifest_path_escaping_the_cache_is_never_followed(teacher, tmp_path)
     (tmp_path / "c" / MANIFEST).write_text(json.dumps(manifest))
     assert build(teacher, tmp_path / "c", data) == before  # rebuilt under its own name
     assert outside.read_bytes()  # untouched, and not used
+
+
+# ---------------------------------------------------------------- format versions
+
+
+def _as_v1(cache, *, id_dtype=None):
+    """Rewrite a v2 cache as kdkit < 2 wrote it: version 1, a bare state_dict hash, uint32 ids above
+    2^16 entries (shards rewritten, checksums updated)."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    manifest = json.loads((cache / MANIFEST).read_text())
+    bare = manifest["weights_sha256"].split(":")[-1]
+    manifest.update(version=1, weights_sha256=bare, id_dtype=id_dtype or "uint16")
+    manifest["provenance"]["teacher_revision"] = bare
+    manifest.pop("id_bytes")
+    for entry in manifest["shards"]:
+        path = cache / entry["file"]
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata()
+        arrays = load_file(str(path))
+        if id_dtype:
+            arrays["ids"] = encoding.unpack_ids(arrays["ids"]).astype(id_dtype)
+        save_file(arrays, str(path), metadata=meta)
+        entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)
+    (cache / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_v1_cache_is_read_and_checked_but_repair_and_resume_say_rebuild(teacher, tmp_path):
+    model, tok, prov = teacher
+    data = make_data(tok)
+    build(teacher, tmp_path / "c", data)  # weights: the in-memory model's state_dict hash
+    v2 = CacheReader(tmp_path / "c").signal(data.ids)
+    _as_v1(tmp_path / "c")
+    reader = CacheReader(tmp_path / "c", verify=True)
+    got = reader.signal(data.ids)
+    assert torch.equal(got.ids, v2.ids) and torch.equal(got.logprobs, v2.logprobs)
+    assert reader.provenance.teacher_revision == tensors_hash(model)  # the bare v1 hash, with its kind
+    expected = Provenance(tokenizer_hash=prov.tokenizer_hash, teacher_revision=tensors_hash(model))
+    cache_signal_fn(reader, expected=expected, data_hash=dataset_hash(data))
+    with pytest.raises(UserError, match=r"format v1 .*kdkit cache CONFIG"):
+        repair_cache(model, data, tmp_path / "c", progress=False)
+    with pytest.raises(UserError, match=r"format v1 .*kdkit cache CONFIG"):
+        build(teacher, tmp_path / "c", data)
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    (tmp_path / "c" / MANIFEST).write_text(json.dumps({**manifest, "version": 7}))
+    with pytest.raises(UserError, match=r"version 7.*rebuild the cache with `kdkit cache CONFIG`"):
+        CacheReader(tmp_path / "c")
+
+
+def test_v1_uint32_ids_above_2_16_still_decode(teacher, tmp_path):
+    _, tok, prov = teacher
+    data = make_data(tok, n=4)
+    header = make_header(data, prov, k=8, temperature=1.0, vocab=151936, shard_size=3, weights="files:test")
+    build_with(_synthetic_rows(151936, 8, data), data, tmp_path / "c", header, progress=False)
+    want = CacheReader(tmp_path / "c").signal(data.ids)
+    _as_v1(tmp_path / "c", id_dtype="uint32")
+    assert torch.equal(CacheReader(tmp_path / "c", verify=True).signal(data.ids).ids, want.ids)
+    with pytest.raises(UserError, match="format v1"):
+        refill(_synthetic_rows(151936, 8, data), data, tmp_path / "c", progress=False)
+
+
+# ---------------------------------------------------------------- the teacher's weights
+
+
+def _perturbed_copy(src: Path, dest: Path) -> Path:
+    """A copy of a saved model with one weight changed by 1e-3 (a teacher trained a little more)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    weights = load_file(dest / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_the_weights_hash_is_compared_by_content_not_path(tmp_path):
+    a = save_tiny_model(tmp_path / "a", num_layers=2, seed=4)
+    b = Path(shutil.copytree(a, tmp_path / "b"))  # the same weights at another path
+    c = _perturbed_copy(a, tmp_path / "c")
+    assert files_hash(a) == files_hash(b) != files_hash(c)
+    src = M.resolve(str(a))
+    tok, model = M.load_tokenizer(src), M.freeze(M.load_model(src))
+    data = make_data(tok, n=4)
+    build_cache(model, data, tmp_path / "cache", k=4, temperature=1.0, provenance=Provenance(teacher_id=str(a)),
+                vocab=len(tok), shard_size=2, weights=files_hash(a), progress=False)
+    reader = CacheReader(tmp_path / "cache")
+    assert reader.provenance.teacher_revision == files_hash(a)
+
+    def check(weights):
+        return cache_signal_fn(reader, expected=Provenance(teacher_revision=weights), data_hash=dataset_hash(data))
+
+    assert callable(check(files_hash(b)))  # accepted: same content
+    with pytest.raises(UserError) as e:
+        check(files_hash(c))
+    msg = str(e.value)
+    assert "teacher weights hash" in msg and files_hash(c) in msg and "kdkit cache CONFIG" in msg
+    # retrained in place: the path the cache was built from, new weights (the hash is not memoised past it)
+    shutil.copyfile(c / "model.safetensors", a / "model.safetensors")
+    with pytest.raises(UserError, match="teacher weights hash"):
+        check(files_hash(a))
+    with pytest.raises(UserError, match="teacher weights hash"):
+        repair_cache(model, data, tmp_path / "cache", weights=files_hash(a), progress=False)
+
+
+def test_files_hash_covers_every_shard_of_a_sharded_checkpoint(tmp_path):
+    a = save_tiny_model(tmp_path / "a", num_layers=2, seed=4)
+    model = M.load_model(M.resolve(str(a)))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")  # several shards + an index
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    before = files_hash(tmp_path / "sharded")
+    raw = bytearray(shards[-1].read_bytes())
+    raw[-1] ^= 1  # the last byte of the last shard
+    shards[-1].write_bytes(bytes(raw))
+    assert files_hash(tmp_path / "sharded") != before
+    with pytest.raises(UserError, match="no weight files"):
+        files_hash(tmp_path)

@@ -231,11 +231,19 @@ def _cached_config(tiny_config, tmp_path, monkeypatch, capsys) -> list[str]:
 
 
 def test_a_damaged_or_foreign_cache_is_refused(tiny_config, tiny_teacher, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file, save_file
+
     args = _cached_config(tiny_config, tmp_path, monkeypatch, capsys)
     cache = tmp_path / "run" / "cache"
-    other = _teacher_copy(tiny_teacher, tmp_path / "other-teacher")  # same tokenizer, another teacher
+    same = _teacher_copy(tiny_teacher, tmp_path / "same-teacher")  # the same weights at another path
+    assert _cli(monkeypatch, capsys, "distill", *args, f"teacher.path={same}")[0] == 0
+    other = _teacher_copy(tiny_teacher, tmp_path / "other-teacher")  # same tokenizer, other weights
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1e-3
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     code, err = _cli(monkeypatch, capsys, "distill", *args, f"teacher.path={other}")
-    assert code == 2 and "does not match this run" in err and "teacher_id" in err, err
+    assert code == 2 and "does not match this run" in err and "teacher weights hash" in err, err
+    assert "Traceback" not in err and "kdkit cache CONFIG" in err
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["shards"][0]["file"] = "../../outside.safetensors"  # a path escaping the cache
     (cache / "manifest.json").write_text(json.dumps(manifest))
@@ -246,6 +254,8 @@ def test_a_damaged_or_foreign_cache_is_refused(tiny_config, tiny_teacher, tmp_pa
     shard.write_bytes(shard.read_bytes()[:-7] + b"garbage")
     code, err = _cli(monkeypatch, capsys, "distill", *args)
     assert code == 2 and "shard-00001.safetensors: checksum mismatch" in err and "--repair" in err, err
+    assert _cli(monkeypatch, capsys, "cache", "verify", cache, "--repair")[0] == 0  # the teacher's files hash matches
+    assert _cli(monkeypatch, capsys, "distill", *args)[0] == 0
 
 
 def test_unsafe_checkpoints_are_refused_on_resume(tiny_config, tmp_path, monkeypatch, capsys):

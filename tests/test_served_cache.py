@@ -147,6 +147,10 @@ def test_served_cache_equals_the_local_cache(teacher, fake, tmp_path):
     fn = cache_signal_fn(served, expected=Provenance(tokenizer_hash=M.tokenizer_hash(tok)), data_hash=dataset_hash(data))
     batch = collate([data.input_ids[i] for i in (4, 1)], [data.labels[i] for i in (4, 1)], pad_id=0)
     assert fn({**batch, "ids": [data.ids[4], data.ids[1]]}).num_tokens == int((batch["labels"][:, 1:] != IGNORE).sum())
+    # a served cache has no weights hash: a local teacher's is refused, naming the field and the way out
+    assert served.provenance.teacher_revision == "served"
+    with pytest.raises(UserError, match=r"(?s)teacher weights hash.*teacher\.backend=http"):
+        cache_signal_fn(served, expected=Provenance(teacher_revision="files:0123456789abcdef"))
     # repair asks the server again for the damaged shard only
     (tmp_path / "served" / "shard-00001.safetensors").write_bytes(b"damaged")
     assert repair_served_cache(client, data, tmp_path / "served", progress=False) == ["shard-00001.safetensors"]

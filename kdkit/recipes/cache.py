@@ -17,7 +17,7 @@ from kdkit.config import Config, load_config, save_config
 from kdkit.errors import UserError
 from kdkit.models.license import gate_from_config
 from kdkit.models.load import head_rows, shared_vocab_size
-from kdkit.teacher.cache import build_cache, repair_cache, verify_cache
+from kdkit.teacher.cache import build_cache, read_manifest, repair_cache, verify_cache
 from kdkit.teacher.http import ChatClient, common_model
 from kdkit.teacher.served_cache import build_served_cache, repair_served_cache
 from kdkit.train.setup import cache_dir, load_teacher, tokenize_file
@@ -33,7 +33,8 @@ def run(cfg: Config, *, teacher=None) -> Path:
     vocab = shared_vocab_size(teacher.tokenizer, teacher.tokenizer, head_rows(teacher.model), len(teacher.tokenizer))
     build_cache(teacher.model, train, out, k=cfg.teacher.top_k, temperature=cfg.loss.temperature,
                 provenance=teacher.provenance(cfg.loss.temperature), vocab=vocab,
-                shard_size=cfg.teacher.cache_shard_size, batch_size=cfg.train.batch_size)
+                shard_size=cfg.teacher.cache_shard_size, batch_size=cfg.train.batch_size,
+                weights=teacher.weights_hash())  # the weight files' content hash: what distill compares
     save_config(cfg, out / "config.yaml")  # what `verify --repair` needs to recompute a shard
     return out
 
@@ -74,6 +75,8 @@ def verify(directory: Path, *, repair: bool = False) -> list[str]:
         if cfg.teacher.backend == "http":
             repair_served_cache(_clients(cfg), train, directory, concurrency=cfg.teacher.concurrency)
             return [str(p) for p in verify_cache(directory)]
-        repair_cache(teacher.model, train, directory, batch_size=cfg.train.batch_size)
+        like = read_manifest(directory)["weights_sha256"]  # the teacher's hash of the cache's kind
+        repair_cache(teacher.model, train, directory, batch_size=cfg.train.batch_size,
+                     weights=teacher.weights_hash(like))
         return [str(p) for p in verify_cache(directory)]
     return problems

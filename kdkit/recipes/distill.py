@@ -38,9 +38,12 @@ def signal_source(cfg: Config, teacher, tok, student, train):
     if cfg.teacher.signal == "cache":
         reader = CacheReader(cache_dir(cfg), verify=True)  # checksums first: a damaged shard is named, not read
         vocab = shared_vocab_size(teacher.tokenizer, tok, reader.manifest["vocab"], head_rows(student))
-        # a served cache names the served model (unknown offline when teacher.model is unset: not compared)
-        teacher_id = (cfg.teacher.model or "") if cfg.teacher.backend == "http" else teacher.source.id
-        expected = Provenance(tokenizer_hash=teacher.provenance().tokenizer_hash, teacher_id=teacher_id,
+        # local: the weights' content hash, not the path; served: the model's name (no local weights;
+        # unknown offline when teacher.model is unset: not compared)
+        served = cfg.teacher.backend == "http"
+        weights = "" if served else teacher.weights_hash(reader.provenance.teacher_revision)
+        expected = Provenance(tokenizer_hash=teacher.provenance().tokenizer_hash,
+                              teacher_id=(cfg.teacher.model or "") if served else "", teacher_revision=weights,
                               chat_template_hash=teacher.provenance().chat_template_hash,
                               temperature=cfg.loss.temperature)
         return cache_signal_fn(reader, expected=expected, data_hash=dataset_hash(train)), vocab

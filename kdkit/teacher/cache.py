@@ -8,7 +8,13 @@ first row), and the example ids (metadata "example_ids", a JSON list).
 
 The manifest records the provenance (teacher id and weights hash, tokenizer and chat-template
 hashes, temperature, k), the dataset hash, the encoding and a SHA-256 per shard; it holds no
-timestamps or paths, so two builds of the same cache have equal manifests.
+timestamps, so two builds of the same cache have equal manifests. The teacher weights hash
+(`weights_sha256`, also the provenance's `teacher_revision`) is a content hash
+(kdkit.models.fingerprint): a run reading the cache compares it, not the teacher's path.
+
+Format versions: v2 packs token ids into 2, 3 or 4 bytes (encoding.py) and prefixes the weights hash
+with its kind; v1 caches (uint32 ids above 2^16 entries, a bare state_dict hash) are still read, and
+compared against the teacher's state_dict hash, but never repaired or resumed: rebuild them.
 
 Crash safety: a shard is written to `*.tmp`, fsync'ed and renamed (os.replace), then the manifest is
 rewritten the same way with the shard's checksum. A rerun after kill -9 keeps every shard the
@@ -21,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +40,15 @@ from tqdm.auto import tqdm
 from kdkit.data.collate import collate
 from kdkit.data.render import IGNORE, TokenizedData
 from kdkit.errors import UserError
+from kdkit.models.fingerprint import TENSORS, tensors_hash
 from kdkit.models.forward import decoder_hidden, project, supervised_positions
-from kdkit.signal import Provenance, SparseSignal
+from kdkit.signal import FIELD_LABELS, Provenance, SparseSignal
 from kdkit.teacher import encoding
 from kdkit.utils import atomic_json, fsync_dir, sha256_file
 
 MANIFEST = "manifest.json"
-FORMAT, VERSION = "kdkit-topk-cache", 1
+FORMAT, VERSION = "kdkit-topk-cache", 2
+READABLE = (1, 2)  # versions a CacheReader reads; only VERSION is written, resumed or repaired
 _HANDLES = 64  # open shard files kept by a CacheReader
 
 
@@ -55,16 +64,12 @@ def dataset_hash(data: TokenizedData) -> str:
     return h.hexdigest()[:16]
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """SHA-256 (16 hex) of the model's state_dict: names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
+def cached_weights(manifest: dict) -> str:
+    """The cache's teacher weights hash with its kind's prefix (v1 stored a state_dict hash bare)."""
+    weights = manifest.get("weights_sha256") or ""
+    if manifest.get("version") == 1 and re.fullmatch(r"[0-9a-f]{16}", weights):
+        return TENSORS + weights
+    return weights
 
 
 def _shard_name(i: int) -> str:
@@ -77,9 +82,20 @@ def read_manifest(cache_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is missing or unreadable ({e}): is {cache_dir} a kdkit cache?") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise UserError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not a {FORMAT} manifest: is {cache_dir} a kdkit cache?")
+    if manifest.get("version") not in READABLE:
+        raise UserError(f"{path} is a {FORMAT} of format version {manifest.get('version')!r}, which this kdkit "
+                        f"does not read (it reads {', '.join(map(str, READABLE))}): rebuild the cache with "
+                        "`kdkit cache CONFIG` (delete the directory first)")
     return manifest
+
+
+def _current(manifest: dict, cache_dir, *, action: str) -> None:
+    """Refuse to `action` a cache of an older format: its shards and header would mix two encodings."""
+    if manifest["version"] != VERSION:
+        raise UserError(f"{cache_dir} is a format v{manifest['version']} cache (an older kdkit), which cannot be "
+                        f"{action}: delete it and rebuild it with `kdkit cache CONFIG`")
 
 
 # ---------------------------------------------------------------- computing shards
@@ -152,13 +168,12 @@ def make_header(data: TokenizedData, provenance: Provenance, *, k: int, temperat
         raise UserError(f"cache k={k} must be in 1..{vocab} (the vocabulary)")
     if shard_size < 1:
         raise UserError(f"cache shard_size={shard_size} must be >= 1")
-    prov = dataclasses.replace(provenance, temperature=float(temperature), top_k=k,
-                               teacher_revision=provenance.teacher_revision or weights)
+    prov = dataclasses.replace(provenance, temperature=float(temperature), top_k=k, teacher_revision=weights)
     n = len(data.input_ids)
     return {
         "format": FORMAT, "version": VERSION, "provenance": prov.to_dict(), "weights_sha256": weights,
         "k": k, "temperature": float(temperature), "vocab": vocab, "encoding": encoding.DESCRIPTION,
-        "id_dtype": encoding.id_dtype(vocab).name, "bytes_per_token": encoding.bytes_per_token(k, vocab),
+        "id_bytes": encoding.id_bytes(vocab), "bytes_per_token": encoding.bytes_per_token(k, vocab),
         "dataset_hash": dataset_hash(data), "num_examples": n,
         "num_tokens": sum(_supervised_counts(data.labels)), "shard_size": shard_size,
         "num_shards": -(-n // shard_size), **(extra or {}),
@@ -201,14 +216,16 @@ def _fill(compute, data: TokenizedData, out_dir: Path, header: dict, good: dict[
 
 def build_cache(teacher_model, data: TokenizedData, out_dir: str | Path, *, k: int, temperature: float,
                 provenance: Provenance, vocab: int, shard_size: int = 256, batch_size: int = 8,
-                progress: bool = True) -> dict:
+                weights: str | None = None, progress: bool = True) -> dict:
     """Run the teacher over `data` once and store its top-k signals in `out_dir`; returns the manifest.
 
-    Resumes a killed build (finished shards kept after their checksum is checked) and redoes damaged
-    shards of a finished one. Refuses an `out_dir` holding a cache built with other settings.
+    `weights`: the teacher's weights hash, `files_hash` of the files it was loaded from (what a run
+    compares without loading it); None: `tensors_hash(teacher_model)`. Resumes a killed build
+    (finished shards kept after their checksum is checked) and redoes damaged shards of a finished
+    one. Refuses an `out_dir` holding a cache built with other settings.
     """
     header = make_header(data, provenance, k=k, temperature=temperature, vocab=vocab, shard_size=shard_size,
-                         weights=weights_hash(teacher_model))
+                         weights=weights or tensors_hash(teacher_model))
     compute = local_rows(teacher_model, data, header, batch_size=batch_size)
     return build_with(compute, data, out_dir, header, progress=progress)
 
@@ -221,6 +238,7 @@ def build_with(compute, data: TokenizedData, out_dir: str | Path, header: dict, 
     good = {}
     if (out_dir / MANIFEST).exists():
         old = read_manifest(out_dir)
+        _current(old, out_dir, action="resumed")
         differ = sorted(key for key in header if old.get(key) != header[key])
         if differ:
             lines = "; ".join(f"{key}: on disk {old.get(key)!r}, now {header[key]!r}" for key in differ)
@@ -266,17 +284,21 @@ def verify_cache(cache_dir: str | Path) -> list[CacheProblem]:
 
 
 def repair_cache(teacher_model, data: TokenizedData, cache_dir: str | Path, *, batch_size: int = 8,
-                 progress: bool = True) -> list[str]:
+                 weights: str | None = None, progress: bool = True) -> list[str]:
     """Redo only the shards `verify_cache` finds wrong, with the teacher and data the cache was built
-    from (both checked against the manifest); returns the shard files rewritten."""
+    from (both checked against the manifest; `weights` as in `build_cache`); returns the shard files
+    rewritten."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
+    _current(manifest, cache_dir, action="repaired")
     if dataset_hash(data) != manifest["dataset_hash"]:
         raise UserError(f"{cache_dir} was built from other data (dataset hash {manifest['dataset_hash']}, "
                         f"given {dataset_hash(data)}): repair needs the same tokenized data")
-    if weights_hash(teacher_model) != manifest["weights_sha256"]:
-        raise UserError(f"{cache_dir} was built with another teacher (weights {manifest['weights_sha256']}, "
-                        f"given {weights_hash(teacher_model)}): repair needs the same teacher")
+    given = weights or tensors_hash(teacher_model)
+    if given != manifest["weights_sha256"]:
+        raise UserError(f"{cache_dir} was built with another teacher (teacher weights hash "
+                        f"{manifest['weights_sha256']}, given {given}): repair needs the same teacher's weights, "
+                        "or rebuild the cache with `kdkit cache CONFIG`")
     header = {key: v for key, v in manifest.items() if key not in ("shards", "complete")}
     return refill(local_rows(teacher_model, data, header, batch_size=batch_size), data, cache_dir, progress=progress)
 
@@ -285,6 +307,7 @@ def refill(compute, data: TokenizedData, cache_dir: str | Path, *, progress: boo
     """Any source's repair: recompute the shards that are missing or fail their checksum."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
+    _current(manifest, cache_dir, action="repaired")
     header = {key: v for key, v in manifest.items() if key not in ("shards", "complete")}
     return _fill(compute, data, cache_dir, header, _good_entries(cache_dir, manifest), progress=progress)
 
@@ -303,7 +326,8 @@ class CacheReader:
         if verify and (problems := verify_cache(self.dir)):
             raise UserError(f"{self.dir} is damaged: " + "; ".join(map(str, problems))
                             + ". Run `kdkit cache verify DIR --repair`.")
-        self.provenance = Provenance(**self.manifest["provenance"])
+        prov = {**self.manifest["provenance"], "teacher_revision": cached_weights(self.manifest)}  # v1: prefixed
+        self.provenance = Provenance(**prov)
         self.dataset_hash = self.manifest["dataset_hash"]
         self._handles: dict[int, object] = {}
         self.index: dict[str, tuple[int, int, int]] = {}  # example id → (shard, first row, end row)
@@ -351,9 +375,16 @@ def cache_signal_fn(reader: CacheReader, *, expected: Provenance, data_hash: str
     if data_hash is not None and data_hash != reader.dataset_hash:
         differ["dataset_hash"] = (data_hash, reader.dataset_hash)
     if differ:
-        lines = "\n".join(f"  {name}: run {run!r}, cache {cached!r}" for name, (run, cached) in differ.items())
+        lines = "\n".join(f"  {FIELD_LABELS.get(name, name)} ({name}): run {run!r}, cache {cached!r}"
+                          for name, (run, cached) in differ.items())
+        if "teacher_revision" in differ and differ["teacher_revision"][1] == "served":
+            lines += ("\n  (the cache came from a served teacher, which has no weights hash: read it with "
+                      "teacher.backend=http)")
+        elif "teacher_revision" in differ:
+            lines += "\n  (the teacher's weights are not the ones the cache was built from: retrained, or another model)"
         raise UserError(f"the teacher cache {reader.dir} does not match this run:\n{lines}\n"
-                        "Rebuild the cache with `kdkit cache` for this run's teacher, tokenizer, temperature and data.")
+                        "Rebuild the cache with `kdkit cache CONFIG` for this run's teacher, tokenizer, "
+                        "temperature and data.")
 
     def signal_fn(batch: dict) -> SparseSignal:
         signal = reader.signal(list(batch["ids"]))

@@ -1,8 +1,10 @@
-"""The compact on-disk encoding of top-k teacher signals: 2k + k + 6 bytes per token (V ≤ 65536).
+"""The compact on-disk encoding of top-k teacher signals: k·(b + 1) + 6 bytes per token.
 
 Per supervised token, with the k log-probs lp_1 … lp_k (valid ones finite, invalid ones -inf):
 
-- ids      k × uint16 when the vocabulary has at most 65536 entries, else k × uint32: lossless.
+- ids      k token ids in b = `id_bytes(vocab)` bytes each, lossless: uint16 (b = 2) when the
+           vocabulary has at most 2^16 entries, 3 little-endian bytes (an (N, k, 3) uint8 array) up
+           to 2^24, else uint32. Caches of format v1 stored uint32 above 2^16; `decode` reads both.
 - top      fp16: M = the largest valid log-prob, rounded to nearest.
 - range    fp16: R = M − (smallest valid log-prob), rounded UP (so every valid lp lies in [M − R, M]);
            capped at 65504 (fp16's largest): log-probs further below M than that are stored as M − R.
@@ -13,7 +15,8 @@ Per supervised token, with the k log-probs lp_1 … lp_k (valid ones finite, inv
 Error bound (tested): with s = sqrt((M − lp)/R), |lp' − lp| ≤ R · (2s + 1/508) / 508 + |M − fp16(M)|:
 about R / 258064 at the top (s = 0) and at most R · 2.002 / 508 ≈ R / 254 at the bottom (s = 1); the
 fp16 rounding of M is at most 2⁻¹¹·|M|. The tail's error is at most 2⁻¹¹·|tail| (fp16 rounding).
-At k = 64: 128 + 64 + 6 = 198 bytes per token.
+At k = 64: 128 + 64 + 6 = 198 bytes per token below 2^16 entries (SmolLM2's 49,152), 192 + 64 + 6 =
+262 up to 2^24 (Llama 3's 128,256, Qwen2.5's 151,936, Gemma 3's 262,144).
 """
 
 from __future__ import annotations
@@ -26,20 +29,39 @@ LEVELS = 254  # codes 0 … 254 carry values
 FP16_MAX = float(np.finfo(np.float16).max)
 
 DESCRIPTION = (
-    "ids: uint16 if vocab <= 65536 else uint32 (lossless); top: fp16 max log-prob; range: fp16 "
+    "ids: uint16 if vocab <= 2^16, 3 little-endian bytes (uint8 (N, k, 3)) if <= 2^24, else uint32 "
+    "(lossless); top: fp16 max log-prob; range: fp16 "
     "(rounded up, <= 65504); codes: uint8 c = round(254*sqrt((top - lp)/range)), 255 = -inf, "
     "decoded lp = top - range*(c/254)^2; tail: fp16 log of the mass outside the top k"
 )
 
 
-def id_dtype(vocab: int) -> np.dtype:
-    """The narrowest unsigned integer dtype that holds every token id below `vocab`."""
-    return np.dtype(np.uint16) if vocab <= 65536 else np.dtype(np.uint32)
+def id_bytes(vocab: int) -> int:
+    """Bytes per stored token id: the fewest of 2, 3 or 4 that hold every id below `vocab`."""
+    return 2 if vocab <= 1 << 16 else 3 if vocab <= 1 << 24 else 4
 
 
 def bytes_per_token(k: int, vocab: int) -> int:
     """Encoded bytes per supervised token: ids, codes, top, range and tail."""
-    return k * (id_dtype(vocab).itemsize + 1) + 3 * 2
+    return k * (id_bytes(vocab) + 1) + 3 * 2
+
+
+def pack_ids(ids: np.ndarray, vocab: int) -> np.ndarray:
+    """Token ids (N, k), each in [0, vocab) → uint16 (N, k), uint8 (N, k, 3) little-endian, or uint32 (N, k)."""
+    width = id_bytes(vocab)
+    if width == 3:
+        wide = ids.astype("<u4")  # (N, k) little-endian: its low 3 bytes are the id's
+        return wide[..., None].view(np.uint8)[..., :3].copy()  # (N, k, 4) bytes → (N, k, 3)
+    return ids.astype(np.uint16 if width == 2 else np.uint32)
+
+
+def unpack_ids(stored: np.ndarray) -> np.ndarray:
+    """The inverse of `pack_ids` (and v1's uint16/uint32 ids): → int64 (N, k)."""
+    stored = np.asarray(stored)
+    if stored.dtype == np.uint8 and stored.ndim == 3:  # (N, k, 3) little-endian bytes
+        b = stored.astype(np.int64)
+        return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # (N, k)
+    return stored.astype(np.int64)
 
 
 def _fp16_up(x: np.ndarray) -> np.ndarray:
@@ -67,7 +89,7 @@ def encode(ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, *, voc
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(f"token ids must lie in [0, {vocab})")
     return {
-        "ids": ids.detach().cpu().numpy().astype(id_dtype(vocab)),  # (N, k)
+        "ids": pack_ids(ids.detach().cpu().numpy(), vocab),  # (N, k) or (N, k, 3)
         "codes": codes,
         "top": top16,
         "range": range16,
@@ -82,7 +104,7 @@ def decode(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, t
     span = torch.from_numpy(np.asarray(arrays["range"]).astype(np.float32)).unsqueeze(1)  # (N, 1)
     frac = codes.float() / LEVELS  # (N, k)
     lp = torch.where(codes == INVALID, -torch.inf, top - span * frac * frac)  # (N, k)
-    ids = torch.from_numpy(np.asarray(arrays["ids"]).astype(np.int64))  # (N, k)
+    ids = torch.from_numpy(unpack_ids(arrays["ids"]))  # (N, k)
     tail = torch.from_numpy(np.asarray(arrays["tail"]).astype(np.float32))  # (N,)
     return ids, lp, tail
 

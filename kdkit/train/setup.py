@@ -13,6 +13,7 @@ from kdkit.data.render import TokenizedData, tokenize_examples
 from kdkit.data.sources import load_examples
 from kdkit.errors import UserError
 from kdkit.models import load as M
+from kdkit.models.fingerprint import TENSORS, files_hash, tensors_hash
 from kdkit.models.license import describe as describe_license
 from kdkit.models.license import license_card_lines
 from kdkit.signal import Provenance
@@ -42,6 +43,14 @@ class Teacher:
     def reload(self) -> None:
         """Drop the weights (e.g. FSDP2 shards, unusable once training ends); `model` loads them again."""
         self._model = None
+
+    def weights_hash(self, like: str = "") -> str:
+        """The teacher's weights as a content hash (kdkit.models.fingerprint), of the kind of `like`
+        (a cache's): `tensors:` hashes the loaded state_dict (a cache built from a model in memory, or
+        by kdkit < cache v2), anything else the weight files, without loading them."""
+        if like.startswith(TENSORS):
+            return tensors_hash(self.model)
+        return files_hash(self.source.directory, self.source.gguf_file)  # memoised per file state
 
     def provenance(self, temperature: float = 1.0) -> Provenance:
         return Provenance(
