@@ -100,7 +100,9 @@ def distill_loss(s, t, labels, divergence="forward_kl", temperature=1.0, alpha=1
         count += 1
     denom = max(count if num_tokens is None else int(num_tokens), 1)
     kd, ce = kd_sum / denom, ce_sum / denom
-    return alpha * temperature**2 * kd + (1 - alpha) * ce, kd, ce
+    # T² on the KL family only: tvd's logit gradient shrinks as 1/T, not 1/T²
+    scale = 1.0 if divergence in ("tvd", "uld") else temperature**2
+    return alpha * scale * kd + (1 - alpha) * ce, kd, ce
 
 
 def bucketed(s, t, k, temperature=1.0, capture_temperature=None):

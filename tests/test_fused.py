@@ -128,6 +128,16 @@ def test_jsd_end_points_are_forward_and_reverse_kl(beta, kl_name, compiled):
     assert_parity(got, dense(p, divergence=kl_name, temperature=2.0, alpha=0.6))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_tvd_is_not_scaled_by_t_squared(compiled):
+    p = make_problem()
+    for alpha in (1.0, 0.5):
+        parts, _ = fused(p, divergence="tvd", temperature=3.0, alpha=alpha, chunk_size=8, compiled=compiled)
+        torch.testing.assert_close(parts.total, alpha * parts.kd + (1 - alpha) * parts.ce)
+        kl, _ = fused(p, divergence="forward_kl", temperature=3.0, alpha=alpha, chunk_size=8, compiled=compiled)
+        torch.testing.assert_close(kl.total, alpha * 9.0 * kl.kd + (1 - alpha) * kl.ce)
+
+
 def test_padded_head_uses_first_vocab_columns_only():
     p = make_problem()
     pad = lambda x, rows: torch.cat([x, torch.randn(rows, *x.shape[1:]) * 5])  # noqa: E731

@@ -99,6 +99,19 @@ def test_jsd_end_points_are_forward_and_reverse_kl(beta, kl_name):
     assert_parity(got, dense_sparse(p, signal, divergence=kl_name, **opts))
 
 
+def test_row_without_valid_slot_at_another_temperature_is_finite_and_all_tail():
+    p, t = make_problem(), teacher_logits(seed=5)
+    signal = signal_from(t, capture=1.0)
+    lp = signal.logprobs.clone()
+    lp[3] = -math.inf  # row 3 is supervised: no valid slot, its mass all in the tail
+    tail = signal.tail.clone()
+    tail[3] = 0.0
+    empty = dataclasses.replace(signal, logprobs=lp, tail=tail)
+    got = fused_sparse(p, empty, divergence="forward_kl", temperature=2.0, alpha=0.5, chunk_size=6)
+    assert torch.isfinite(got[0].total) and all(torch.isfinite(g).all() for g in got[1])
+    assert_parity(got, dense_sparse(p, empty, divergence="forward_kl", temperature=2.0, alpha=0.5))
+
+
 def test_k_equal_v_equals_the_fused_dense_teacher():
     p, t = make_problem(), teacher_logits()
     opts = dict(divergence="jsd", beta=0.4, temperature=2.0, alpha=0.5, chunk_size=8)

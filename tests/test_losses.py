@@ -206,6 +206,20 @@ def test_temperature_squared_scaling_and_alpha_mixing(temperature):
     torch.testing.assert_close(mixed.total, 0.25 * temperature**2 * kd + 0.75 * ce)
 
 
+@pytest.mark.parametrize("name,scaled", [("forward_kl", True), ("jsd", True), ("skew_reverse_kl", True),
+                                         ("tvd", False), ("uld", False)])
+def test_t_squared_scales_the_kl_family_only(name, scaled):
+    # tvd's and uld's logit gradients shrink as 1/T, not 1/T²: T² would grow them with T.
+    s, t = make_logits(teacher_zeros=False)
+    labels = make_labels()
+    for temperature in (2.0, 4.0):
+        parts = distill_loss(s, t, labels, divergence=name, temperature=temperature, alpha=1.0)
+        factor = temperature**2 if scaled else 1.0
+        torch.testing.assert_close(parts.total, factor * parts.kd)
+        mixed = distill_loss(s, t, labels, divergence=name, temperature=temperature, alpha=0.4)
+        torch.testing.assert_close(mixed.total, 0.4 * factor * mixed.kd + 0.6 * mixed.ce)
+
+
 def test_pure_ce_gradient_is_the_cross_entropy_gradient():
     s, t = make_logits()
     labels = make_labels()

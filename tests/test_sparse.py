@@ -168,6 +168,47 @@ def test_invalid_slots_are_ignored_without_nan(name, kw):
     torch.testing.assert_close(g_got, g_want)
 
 
+@pytest.mark.parametrize("name,kw", CASES, ids=CASE_IDS)
+def test_tail_log_prob_at_or_above_zero_is_read_as_log_one(name, kw):
+    """A tail log-prob a hair above 0 (rounding) at T ≠ T_c: finite, as a tail of exactly log 1 (all mass there)."""
+    s, t = make_logits(seed=12)
+    signal = signal_from(t, 4)
+    over = signal.tail.clone()
+    over[2] = 1e-3  # 1 − p(tail) < 0: its log was NaN
+    exact = over.clone()
+    exact[2] = 0.0
+    got, g_got = grads_of(lambda x: sparse_divergence(name, x, SparseSignal(signal.ids, signal.logprobs, over,
+                                                                            signal.provenance), temperature=2.0, **kw), s, WEIGHTS)
+    want, g_want = grads_of(lambda x: sparse_divergence(name, x, SparseSignal(signal.ids, signal.logprobs, exact,
+                                                                              signal.provenance), temperature=2.0, **kw), s, WEIGHTS)
+    assert not torch.isnan(got).any() and not torch.isnan(g_got).any()
+    assert torch.equal(got, want) and torch.equal(g_got, g_want)
+    if name == "forward_kl":  # the teacher is all tail: KL = −log p_S(tail) at T = 2
+        lp = torch.log_softmax(s[2] / 2.0, dim=-1)
+        tail_s = torch.logsumexp(lp[[j for j in range(s.shape[1]) if j not in set(signal.ids[2].tolist())]], dim=0)
+        torch.testing.assert_close(got[2], -tail_s)
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("tail", [True, False])
+def test_row_without_valid_slot_is_all_tail_at_every_temperature(name, kw, tail):
+    """A row whose slots are all -inf, at T ≠ T_c: 0 (all tail on both sides), finite grads, other rows untouched."""
+    s, t = make_logits(seed=13)
+    signal = signal_from(t, 4)
+    lp = signal.logprobs.clone()
+    lp[1] = -INF
+    tails = signal.tail.clone()
+    tails[1] = 0.0
+    empty = SparseSignal(signal.ids, lp, tails if tail else None, signal.provenance)
+    for temperature in (1.0, 2.0):  # T = T_c worked before; T ≠ T_c gave NaN
+        got, g_got = grads_of(lambda x: sparse_divergence(name, x, empty, temperature=temperature, **kw), s, WEIGHTS)
+        full = sparse_divergence(name, s, signal, temperature=temperature, **kw)
+        assert not torch.isnan(got).any() and not torch.isnan(g_got).any()
+        assert got[1].abs() < 1e-6 and g_got[1].abs().max() < 1e-6  # (jsd's log mixture rounds to ~1e-8)
+        rows = [0, 2, 3, 4, 5]
+        torch.testing.assert_close(got[rows], full[rows])
+
+
 def test_student_minus_inf_at_a_teacher_id_is_inf_without_nan_gradient():
     s, t = make_logits(seed=8)
     signal = signal_from(t, 4)

@@ -94,7 +94,9 @@ class LossConfig(Section):
         "forward_kl", description="per-token divergence between teacher and student distributions (uld: "
         "cross-tokenizer only)"
     )
-    temperature: float = Field(1.0, gt=0.0, description="softens teacher and student alike; soft term scaled by T²")
+    temperature: float = Field(
+        1.0, gt=0.0, description="softens teacher and student alike; the KD term is scaled by T² for the KL family "
+        "(forward/reverse KL, jsd, skew_*), whose gradients shrink as 1/T², not for tvd/uld (∝ 1/T)")
     alpha: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KD term; 1 - alpha weighs hard-label CE")
     beta: float = Field(
         0.5, ge=0.0, le=1.0, description="jsd, as TRL's generalized_jsd_loss: 0 = forward KL(p_T ‖ p_S), 1 = reverse "
@@ -125,6 +127,10 @@ class LossConfig(Section):
 
 class TrainConfig(Section):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
+    max_seconds: float | None = Field(
+        None, gt=0.0, description="wall-clock budget of the training loop: after its first steps the loop measures "
+        "seconds per step and trains as many steps as fit (at most max_steps), the schedule spanning them; the "
+        "step count is written to RUN_DIR/budget.json, so a resumed run keeps it")
     batch_size: int = Field(8, ge=1, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(5e-4, gt=0.0, description="peak learning rate (AdamW)")

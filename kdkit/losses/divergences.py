@@ -21,6 +21,10 @@ Conventions (stated here once):
   KL(p_S ‖ α·p_S + (1−α)·p_T), the skew KLs of DistiLLM (Ko et al., 2024); α in [0, 1): α = 0 is
   the plain KL; α = 1 would be KL(p ‖ p) = 0 for every input, and is refused.
 - `tvd` = ½·Σ|p_T − p_S|.
+- T² (`soft_scale`). The objective multiplies the KD term by T² for the KL family only (forward,
+  reverse, jsd, skew_*): their logit gradients shrink as 1/T² at high T (Hinton et al., 2015), which
+  T² undoes. TVD's (and ULD's) gradient is a sign times ∂p/∂z, shrinking as 1/T only, so T² would
+  grow it with T: those are used unscaled.
 """
 
 from __future__ import annotations
@@ -152,6 +156,14 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
     """½·Σ|p_T − p_S| per token: (N, V), (N, V) → (N,) fp32."""
     log_s, log_t = _pair(student_logits, teacher_logits, temperature)
     return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)  # (N,)
+
+
+KL_FAMILY = frozenset({"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"})
+
+
+def soft_scale(divergence: str, temperature: float) -> float:
+    """The factor on the KD term: T² for the KL family (gradients ∝ 1/T²), 1 for tvd and uld (∝ 1/T)."""
+    return temperature**2 if divergence in KL_FAMILY else 1.0
 
 
 DIVERGENCES: dict[str, Callable[..., Tensor]] = {

@@ -2,7 +2,7 @@
 
     total = alpha · T² · mean(divergence at T) + (1 − alpha) · mean(cross-entropy at T = 1)
 
-exactly as `objective.distill_loss`, but from the student's hidden states (N, H) and head weight
+(T² for the KL family only, as `divergences.soft_scale`) exactly as `objective.distill_loss`, but from the student's hidden states (N, H) and head weight
 (V, H) instead of its logits. The teacher is a hidden state + head (online), dense logits, or a
 top-k SparseSignal (`fused_sparse.py`). Only the supervised rows (label != -100) are projected, a
 chunk of them at a time: the chunk's logits (c, V) go through the SAME divergence functions as the
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
 
-from .divergences import DIVERGENCES
+from .divergences import DIVERGENCES, soft_scale
 from .fused_chunk import Spec, chunk_grad, padded_step, step_rows
 from .fused_sparse import DenseTeacher, SparseTeacher, teacher_signal
 from .objective import IGNORE_INDEX, LossParts, _check_args
@@ -168,12 +168,13 @@ class _FusedDistill(torch.autograd.Function):
 
 
 def _total(kd: Tensor, ce: Tensor, spec: Spec) -> Tensor:
-    """alpha · T² · kd + (1 − alpha) · ce, leaving out a part of weight 0 (it may be inf)."""
+    """alpha · T² · kd + (1 − alpha) · ce (T² for the KL family only), leaving out a part of weight 0 (it may be inf)."""
+    t2 = soft_scale(spec.divergence, spec.temperature)
     if spec.alpha == 1.0:
-        return spec.temperature**2 * kd
+        return t2 * kd
     if spec.alpha == 0.0:
         return ce.clone()  # a fresh tensor: `ce` is also returned, marked non-differentiable
-    return spec.alpha * spec.temperature**2 * kd + (1.0 - spec.alpha) * ce
+    return spec.alpha * t2 * kd + (1.0 - spec.alpha) * ce
 
 
 def _check_shapes(hidden: Tensor, weight: Tensor, labels: Tensor, vocab: int, teacher_vocab: int) -> None:

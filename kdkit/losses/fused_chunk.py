@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .divergences import DIVERGENCES
+from .divergences import DIVERGENCES, soft_scale
 from .reduce import masked_sum
 from .sparse import student_buckets
 
@@ -81,7 +81,7 @@ def chunk_objective(z_s: Tensor, teacher: tuple, labels: Tensor, weight: Tensor 
     else:  # weight-0 rows leave the mask: an inf there must not reach the sum (0 · inf = NaN)
         kd = masked_sum(per_token * weight, mask & (weight != 0))
     ce = masked_sum(F.cross_entropy(z_s, labels, reduction="none", ignore_index=IGNORE_INDEX), mask)
-    alpha, t2 = spec.alpha, spec.temperature**2
+    alpha, t2 = spec.alpha, soft_scale(spec.divergence, spec.temperature)  # T²: the KL family only
     if alpha == 1.0:
         objective = t2 * kd
     elif alpha == 0.0:

@@ -2,7 +2,8 @@
 
     total = alpha · T² · mean(divergence at T) + (1 − alpha) · mean(cross-entropy at T = 1)
 
-T² keeps the divergence's gradient scale independent of T (Hinton et al., 2015). Means run over
+T² keeps the divergence's gradient scale independent of T (Hinton et al., 2015); it applies to the
+KL family only, tvd and uld are unscaled (`divergences.soft_scale` says why). Means run over
 supervised tokens (label != -100) and divide by `num_tokens`, the global supervised count of the
 optimizer step when given (see `reduce.py`), else this batch's count.
 """
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from kdkit.signal import DenseSignal, SparseSignal
 
-from .divergences import DIVERGENCES, _check_temperature
+from .divergences import DIVERGENCES, _check_temperature, soft_scale
 from .reduce import token_mean
 from .sparse import sparse_divergence
 from .uld import CROSS_VOCAB
@@ -116,12 +117,13 @@ def distill_loss(
         )  # (N,)
         ce = token_mean(ce_rows, mask, count)
 
+    t2 = soft_scale(divergence, temperature)  # T² for the KL family, 1 for tvd / uld
     if alpha == 1.0:
-        total = temperature**2 * kd
+        total = t2 * kd
     elif alpha == 0.0:
         total = ce
     else:
-        total = alpha * temperature**2 * kd + (1.0 - alpha) * ce
+        total = alpha * t2 * kd + (1.0 - alpha) * ce
     return LossParts(total=total, kd=kd.detach(), ce=ce.detach())
 
 

@@ -19,11 +19,13 @@ Conventions (stated here once):
   When T ≠ T_c the top-k part is re-normalised to T exactly as far as the top-k goes —
   p_T(id_i) ∝ p_Tc(id_i)^(T_c/T) within the top k — while the tail keeps its captured mass:
   p_T(id_i) = (1 − p(tail)) · softmax_k(r · log p_Tc)_i with r = T_c / T. The tail's true mass at T
-  is unknowable from top-k data; keeping it fixed is exact for k = V and for T = T_c.
+  is unknowable from top-k data; keeping it fixed is exact for k = V and for T = T_c. A tail
+  log-prob ≥ 0 (rounding) is read as log 1: the top k then hold no mass at T.
 - Missing tail. When `signal.tail` is None it is derived as log(1 − Σ_k p_T), floored at log 0.
 - Invalid slots. A slot whose teacher log-prob is -inf (padding of a short top-k, a padded
   vocabulary entry) is not a bucket: both sides get log 0 there, and the student's mass at that id
-  (if the id is not also a valid slot) counts in the student's tail bucket.
+  (if the id is not also a valid slot) counts in the student's tail bucket. A row with no valid
+  slot is all tail, on both sides, at every T (its divergence is 0 when its tail is log 1).
 - Ids must be unique within a row among the valid slots.
 """
 
@@ -79,9 +81,14 @@ def teacher_buckets(
     t_c = signal.provenance.temperature if capture_temperature is None else capture_temperature
     _check_temperature(t_c)
     if t_c != temperature:
-        top_mass = -torch.expm1(tail).clamp(max=1.0)  # (N,) 1 − p(tail), kept as captured
-        scaled = torch.log_softmax(lp * (t_c / temperature), dim=-1)  # (N, k); -inf stays -inf
-        lp = scaled + torch.log(top_mass).unsqueeze(1)  # (N, k)
+        # log p(tail) ≤ 0: rounding (or a server) can put it a hair above, where 1 − p(tail) would be
+        # < 0 and its log NaN; at 0 the top k hold no mass (log 0 below, all mass in the tail).
+        tail = tail.clamp(max=0.0)  # (N,)
+        log_top_mass = torch.log(-torch.expm1(tail))  # (N,) log(1 − p(tail)), the top k's mass as captured
+        any_valid = valid.any(dim=-1, keepdim=True)  # (N, 1): a row with no valid slot is all tail
+        # log_softmax of an all -inf row is NaN: such rows get a constant 0 row, then log 0 everywhere.
+        scaled = torch.log_softmax(torch.where(any_valid, lp * (t_c / temperature), 0.0), dim=-1)  # (N, k)
+        lp = torch.where(valid, scaled + log_top_mass.unsqueeze(1), NEG_INF)  # (N, k); invalid slots log 0
     return torch.cat([lp, tail.unsqueeze(1)], dim=1), valid  # (N, k + 1), (N, k)
 
 
