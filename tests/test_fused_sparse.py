@@ -223,3 +223,16 @@ def test_training_loop_falls_back_to_dense_with_a_logged_reason_only_where_fused
         assert not use_fused(lc, Student(), DenseSignal(teacher_logits()[:, :50]), vocab=V)
     assert "softcapping" in caplog.text and "uld" in caplog.text and "columns" in caplog.text
     assert not use_fused(SimpleNamespace(implementation="dense", divergence="forward_kl"), Student(), dense)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_bf16_matmuls_against_a_sparse_signal_match_fp32_dense(name):
+    from test_fused import assert_bf16_parity
+
+    p, t = make_problem(), teacher_logits()
+    signal = signal_from(t, capture=1.0)
+    kw = {"beta": 0.5} if name == "jsd" else {"skew": 0.1} if name.startswith("skew") else {}
+    opts = dict(divergence=name, temperature=2.0, alpha=0.5, **kw)
+    fp32 = fused_sparse(p, signal, chunk_size=8, **opts)
+    assert_bf16_parity(fused_sparse(p, signal, chunk_size=8, matmul_dtype=torch.bfloat16, **opts),
+                       dense_sparse(p, signal, **opts), fp32)

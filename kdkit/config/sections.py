@@ -20,6 +20,9 @@ class TeacherConfig(Section):
     gguf_file: str | None = Field(None, description="GGUF file name inside `path` when `path` is a directory")
     trust_remote_code: bool = Field(False, description="run model code shipped with the checkpoint (off: safer)")
     license: str | None = Field(None, description="the teacher's licence id, when its files do not say")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="online teacher: the dtype its weights are held in for training (cast once, not per "
+        "step); auto: bf16 where train.precision resolves to bf16, else fp32")
     signal: Literal["online", "cache"] = Field(
         "online", description="online: run the teacher in every step; cache: read top-k signals from cache_dir"
     )
@@ -141,7 +144,9 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, description="clip the gradient norm to this (null: no clipping)")
     seed: int = Field(0, description="seed for initialisation, data order and sampling")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else fp32"
+        "auto", description="bf16: every GEMM of the step in bf16 with fp32 accumulation (autocast forwards, the fused "
+        "loss's head products, the online teacher held in bf16), softmaxes/divergences/optimizer in fp32; auto: bf16 "
+        "where the device has native bf16 (CUDA Ampere+, AVX512-BF16/AMX CPUs), else fp32. CUDA fp32 matmuls use TF32"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     log_every: int = Field(1, ge=1, description="write metrics every N steps")

@@ -17,13 +17,13 @@ from kdkit.signal import Provenance
 from kdkit.teacher.cache import CacheReader, cache_signal_fn, dataset_hash
 from kdkit.teacher.cross_tokenizer import cross_tokenizer_signal_fn
 from kdkit.teacher.modes import mode_signal
-from kdkit.teacher.online import online_signal_fn
+from kdkit.teacher.online import hold_in, online_signal_fn
 from kdkit.train.dist import init as dist_init
 from kdkit.train.dist import prepare_teacher
 from kdkit.train.features import feature_plugins
 from kdkit.train.loop import Plugins, distill, pick_device
 from kdkit.train.modes import add_mode_plugins, self_distill_teacher
-from kdkit.train.setup import build_student, cache_dir, load_teacher, model_card, save_student, tokenize_file
+from kdkit.train.setup import build_student, cache_dir, load_teacher, model_card, save_student, teacher_dtype, tokenize_file
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def signal_source(cfg: Config, teacher, tok, student, train):
                               temperature=cfg.loss.temperature)
         return cache_signal_fn(reader, expected=expected, data_hash=dataset_hash(train)), vocab
     vocab = shared_vocab_size(teacher.tokenizer, tok, head_rows(teacher.model), head_rows(student))
-    model = prepare_teacher(teacher.model, dist_init(cfg.train.distributed), cfg.train, pick_device(cfg.train.device))
+    device = pick_device(cfg.train.device)
+    held = hold_in(teacher.model, teacher_dtype(cfg, device))  # bf16 runs: weights cast once, not every step
+    model = prepare_teacher(held, dist_init(cfg.train.distributed), cfg.train, device)
     return online_signal_fn(model, vocab=vocab, provenance=teacher.provenance(cfg.loss.temperature),
                             lazy=cfg.loss.implementation == "fused"), vocab
 

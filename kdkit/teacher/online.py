@@ -45,6 +45,15 @@ def online_signal_fn(teacher, *, vocab: int, provenance: Provenance, lazy: bool 
     return signal_fn
 
 
+def hold_in(teacher: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The frozen teacher with its floating-point weights cast to `dtype` once, in place (bf16: no per-step
+    re-cast of fp32 weights under autocast, half the memory). Before any sharding (FSDP2 shards what it is given)."""
+    if any(p.is_floating_point() and p.dtype != dtype for p in teacher.parameters()):
+        log.info("online teacher weights held in %s", str(dtype).removeprefix("torch."))
+        teacher.to(dtype)
+    return teacher
+
+
 def plain_head(model) -> bool:
     """Whether the model's logits are exactly its lm_head's linear map (no softcapping, not sharded)."""
     head = model.get_output_embeddings()

@@ -99,11 +99,30 @@ def native_bf16(device: torch.device) -> bool:
         return False
 
 
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The run's one precision policy: bf16 where `train.precision` asks for it, or on 'auto' where the
+    device multiplies bf16 natively; fp32 otherwise (a CPU without AVX512-BF16/AMX stays fp32 on 'auto').
+
+    bf16 means: every GEMM of the step in bf16 with fp32 accumulation (the student and teacher
+    forwards under autocast, the fused loss's head products, the teacher's weights held in bf16),
+    while softmaxes, divergences, master weights and gradient accumulation stay fp32."""
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def enable_tf32(device: torch.device) -> None:
+    """fp32 matmuls on CUDA in TF32 (tensor cores, ~10 mantissa bits; fp32 accumulation). The one place it
+    is set; CPUs are untouched (their fp32 runs stay bit-for-bit)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # = torch.set_float32_matmul_precision("high") for CUDA
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast (fp32 master weights) where asked for, or on 'auto' where the device does bf16
-    natively; fp32 otherwise."""
-    use = precision == "bf16" or (precision == "auto" and native_bf16(device))
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+    """bf16 autocast (fp32 master weights) where `compute_dtype` says bf16; fp32 otherwise."""
+    if compute_dtype(device, precision) == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @lru_cache(maxsize=4)
@@ -153,7 +172,8 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
             with torch.no_grad():
                 signal = signal_fn(batch)
             if use_fused(lc, student, signal, vocab=vocab):
-                parts, kl, agree = _fused_micro(student, batch, signal, lc, vocab=vocab, num_tokens=num_tokens)
+                parts, kl, agree = _fused_micro(student, batch, signal, lc, vocab=vocab, num_tokens=num_tokens,
+                                                matmul_dtype=compute_dtype(device, precision))
             else:
                 if isinstance(signal, HeadSignal):  # the online teacher's rows + head: its logits, whole
                     signal = signal.dense()
@@ -231,10 +251,12 @@ def _log_once(message: str) -> None:
         log.warning(message)
 
 
-def _fused_micro(student, batch, signal, lc, *, vocab: int, num_tokens: int):
+def _fused_micro(student, batch, signal, lc, *, vocab: int, num_tokens: int, matmul_dtype=torch.float32):
     """The loss from the student's hidden rows and lm_head, chunk by chunk: never (N, V) of the
     student's logits. The progress metrics (KL at T = 1, top-1 agreement count) come from the
-    same chunks (`metrics=True`), as `agreement` gives them on the dense path."""
+    same chunks (`metrics=True`), as `agreement` gives them on the dense path. `matmul_dtype` bf16:
+    the head's forward and both backward products in bf16 (fp32 accumulation), as autocast runs
+    the rest of the step; fp32: the inputs' own dtype, unchanged."""
     hidden = decoder_hidden(student, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
     mask, targets = supervised_positions(batch["labels"])
     head = student.get_output_embeddings()  # fsdp2: gathered by that forward; its gradient is reduce-scattered
@@ -243,7 +265,8 @@ def _fused_micro(student, batch, signal, lc, *, vocab: int, num_tokens: int):
     parts = fused_distill_loss(hidden[:, :-1][mask], head.weight, targets, teacher_logits=signal,
                                student_bias=head.bias, divergence=lc.divergence, temperature=lc.temperature,
                                alpha=lc.alpha, num_tokens=num_tokens, vocab=vocab, metrics=True,
-                               compiled=lc.compile, **_div_kwargs(lc))
+                               compiled=lc.compile, matmul_dtype=None if matmul_dtype == torch.float32 else matmul_dtype,
+                               **_div_kwargs(lc))
     return parts, float(parts.kl), float(parts.top1)
 
 
@@ -322,6 +345,7 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
     plugins = plugins or Plugins()
     ctx = D.init(tc.distributed)
     device = pick_device(tc.device)
+    enable_tf32(device)
     runner = D.prepare_student(student, ctx, tc, device)
     model = trained_module(runner, plugins)  # student (+ projectors, learned weights)
     model.to(device).train()

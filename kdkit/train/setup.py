@@ -59,6 +59,17 @@ class Teacher:
         )
 
 
+def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype the online teacher's weights are held in: `teacher.dtype`, or on auto the run's own
+    `train.precision` policy (bf16 where the step computes in bf16)."""
+    from kdkit.train.loop import compute_dtype  # the one precision policy
+
+    chosen = cfg.teacher.dtype
+    if chosen == "auto":
+        return compute_dtype(device, cfg.train.precision)
+    return torch.bfloat16 if chosen == "bf16" else torch.float32
+
+
 def load_teacher(cfg: Config) -> Teacher:
     return Teacher(cfg)
 
