@@ -45,11 +45,23 @@ class Provenance:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class VocabMap:
+    """Each teacher token id → the student token its text starts with, -1 where none (built by
+    `kdkit.models.vocab_map.vocab_map`); what cross-tokenizer metrics compare through."""
+
+    to_student: torch.Tensor  # (V_t,) int64
+
+    def to(self, device) -> "VocabMap":
+        return VocabMap(self.to_student.to(device))
+
+
 @dataclass
 class DenseSignal:
     """Full-vocabulary teacher logits for N supervised tokens: `logits` (N, V), raw (T = 1).
 
-    V is the student's vocabulary, except for cross-tokenizer signals (the teacher's; loss `uld`).
+    V is the student's vocabulary, except for cross-tokenizer signals (the teacher's; loss `uld`),
+    which carry `vocab_map`: the progress metrics compare the two vocabularies through it.
     """
 
     logits: torch.Tensor  # (N, V)
@@ -59,6 +71,7 @@ class DenseSignal:
     weight: torch.Tensor | None = None
     # the teacher's internals from the same forward (hidden-state / attention distillation); None: not captured
     hidden: HiddenSignal | None = None
+    vocab_map: VocabMap | None = None  # cross-tokenizer: teacher id → student id (kdkit.models.vocab_map)
 
     def __post_init__(self):
         if self.logits.dim() != 2:

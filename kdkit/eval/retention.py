@@ -2,6 +2,14 @@
 
 For each model: per-token cross-entropy and perplexity on the reference answers, KL(teacher ‖ model)
 and top-1 agreement with the teacher, parameter count, and forward throughput (tokens/s).
+
+A teacher with another tokenizer (modes.cross_tokenizer) comes as `teacher_signal`, the run's
+cross-tokenizer signal function: its logits over its own vocabulary at the student's supervised
+positions, `weight` > 0 on the aligned ones. KL and top-1 are then taken on the aligned tokens
+only (`aligned_tokens`), through the vocabulary map (kdkit.models.vocab_map: the teacher's
+probabilities moved to the student token each teacher token's text starts with); the
+teacher's cross-entropy on the student's reference tokens is not defined (None, "–" in the table),
+and its tokens/s counts the student's tokens of the same text (its pass re-tokenises them).
 """
 
 from __future__ import annotations
@@ -16,40 +24,68 @@ import torch
 from kdkit.data.collate import collate
 from kdkit.data.render import TokenizedData
 from kdkit.losses import forward_kl
-from kdkit.models.forward import supervised_logits
+from kdkit.models.forward import supervised_logits, supervised_positions
 from kdkit.models.load import count_parameters
+from kdkit.models.vocab_map import shared_vocab_metrics
 
 
 @torch.no_grad()
 def evaluate_models(models: dict, teacher, data: TokenizedData, *, vocab: int, pad_id: int,
-                    batch_size: int = 8, device="cpu") -> dict[str, dict]:
-    """Metrics for every model in `models` (name → model) against `teacher`, on `data`."""
+                    batch_size: int = 8, device="cpu", teacher_signal=None) -> dict[str, dict]:
+    """Metrics for every model in `models` (name → model) against `teacher`, on `data`;
+    `teacher_signal`: a cross-tokenizer teacher (see the module docstring)."""
     names = ["teacher", *models]
     sums = {n: {"ce": 0.0, "kl": 0.0, "top1": 0.0, "seconds": 0.0, "tokens": 0} for n in names}
-    count = 0
+    count = compared = 0  # supervised tokens; those compared with the teacher (cross-tokenizer: aligned)
     for start in range(0, len(data.input_ids), batch_size):
         batch = collate(data.input_ids[start : start + batch_size], data.labels[start : start + batch_size],
                         pad_id=pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        t_logits, targets = _timed(teacher, batch, vocab, sums["teacher"])
+        if teacher_signal is None:
+            t_logits, targets = _timed(teacher, batch, vocab, sums["teacher"])
+            keep, vmap = slice(None), None
+        else:
+            signal = _timed_signal(teacher_signal, batch, sums["teacher"])
+            t_logits, targets = signal.logits, supervised_positions(batch["labels"])[1]  # (N, V_t), (N,)
+            keep, vmap = signal.weight > 0, signal.vocab_map  # (N,) the aligned rows
         count += len(targets)
+        compared += len(targets) if vmap is None else int(keep.sum())
         for name in names:
             logits = t_logits if name == "teacher" else _timed(models[name], batch, vocab, sums[name])[0]
             acc = sums[name]
-            acc["ce"] += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
-            acc["kl"] += float(forward_kl(logits, t_logits).sum())
-            acc["top1"] += float((logits.argmax(-1) == t_logits.argmax(-1)).sum())
+            if name != "teacher" or vmap is None:  # the teacher's CE on the student's tokens: undefined
+                acc["ce"] += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
+            if vmap is None:
+                acc["kl"] += float(forward_kl(logits, t_logits).sum())
+                acc["top1"] += float((logits.argmax(-1) == t_logits.argmax(-1)).sum())
+            elif name != "teacher":  # the teacher against itself: KL 0, top-1 1 (below)
+                kl, same = shared_vocab_metrics(logits[keep], t_logits[keep], vmap)
+                acc["kl"] += float(kl.sum())
+                acc["top1"] += float(same.sum())
     all_models = {"teacher": teacher, **models}
+    cross = teacher_signal is not None
     out = {}
     for name in names:
         acc = sums[name]
-        ce = acc["ce"] / max(count, 1)
+        ce = None if cross and name == "teacher" else acc["ce"] / max(count, 1)
+        self_top1 = cross and name == "teacher"
         out[name] = {
-            "ce": ce, "ppl": math.exp(min(ce, 50.0)), "kl_to_teacher": acc["kl"] / max(count, 1),
-            "top1_agreement": acc["top1"] / max(count, 1), "params": count_parameters(all_models[name]),
+            "ce": ce, "ppl": None if ce is None else math.exp(min(ce, 50.0)),
+            "kl_to_teacher": acc["kl"] / max(compared, 1),
+            "top1_agreement": 1.0 if self_top1 and compared else acc["top1"] / max(compared, 1),
+            "params": count_parameters(all_models[name]),
             "tokens_per_s": acc["tokens"] / max(acc["seconds"], 1e-9), "eval_tokens": count,
+            **({"aligned_tokens": compared} if cross else {}),
         }
     return out
+
+
+def _timed_signal(signal_fn, batch, acc):
+    t0 = time.perf_counter()
+    signal = signal_fn(batch)
+    acc["seconds"] += time.perf_counter() - t0
+    acc["tokens"] += int(batch["attention_mask"].sum())
+    return signal
 
 
 def _timed(model, batch, vocab, acc):

@@ -123,9 +123,6 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
     # ---- evaluate and save
     device = pick_device(cfg.train.device)
     table, metrics = None, None
-    if held_out and cfg.modes.cross_tokenizer.enabled:
-        log.info("cross-tokenizer run: no held-out comparison with the teacher (different vocabularies)")
-        held_out = None
     general_metrics = None
     if general is not None:  # forgetting: the student on general data, before and after
         general_metrics = evaluate_models({"student_before": initial.to(device), "student_after": student},
@@ -133,8 +130,11 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
                                           batch_size=cfg.eval.batch_size, device=device)
     if held_out:
         models = {**({"student_before": before.to(device)} if before else {}), "student_after": student}
+        cross = cfg.modes.cross_tokenizer.enabled  # compared on aligned tokens, through the vocabulary map
+        teacher_signal = signal_source(cfg, teacher, tok, student, train)[0] if cross else None
         metrics = evaluate_models(models, teacher.model.to(device), held_out, vocab=vocab,
-                                  pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size, device=device)
+                                  pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size, device=device,
+                                  teacher_signal=teacher_signal)
         table = markdown_table(metrics)
         write_report(metrics, run_dir, extra={"train_steps": result.steps, "general": general_metrics})
     card = model_card(teacher=teacher, init=init, student_params=count_parameters(student),

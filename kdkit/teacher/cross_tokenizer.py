@@ -9,7 +9,9 @@ context, so their next-token distributions are comparable; the loss compares the
 
 Student targets with no teacher token starting at the same character (a student token that begins
 inside a teacher token) get KD weight 0: the signal has a row for every supervised student token,
-as the contract wants, and `weight` says which rows count. The share aligned is logged.
+as the contract wants, and `weight` says which rows count. The share aligned is logged. The signal
+also carries the vocabulary map (kdkit.models.vocab_map): progress metrics and the held-out
+comparison (KL and top-1 through that map) are taken on the aligned rows only.
 
 The text is the student's rendering (its chat template); the teacher reads it as plain text after
 its own BOS, if it has one.
@@ -23,6 +25,7 @@ import torch
 
 from kdkit.data.collate import collate
 from kdkit.models.forward import decoder_hidden, project, supervised_positions
+from kdkit.models.vocab_map import vocab_map
 from kdkit.signal import DenseSignal, Provenance
 
 from .modes import report
@@ -58,8 +61,9 @@ def teacher_rows(text: str, tokenizer) -> tuple[list[int], list[int]]:
 def cross_tokenizer_signal_fn(teacher, *, teacher_tokenizer, student_tokenizer, provenance: Provenance,
                               teacher_vocab: int) -> Callable:
     """`signal_fn(batch) -> DenseSignal` of teacher logits (N, V_teacher) aligned to the student's
-    supervised tokens, with `weight` 0 on the unaligned ones."""
+    supervised tokens, with `weight` 0 on the unaligned ones and the teacher ↔ student `vocab_map`."""
     pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else 0
+    shared = vocab_map(teacher_tokenizer, student_tokenizer)  # once: one decode per id of each vocabulary
 
     @torch.no_grad()
     def signal_fn(batch: dict) -> DenseSignal:
@@ -83,6 +87,6 @@ def cross_tokenizer_signal_fn(teacher, *, teacher_tokenizer, student_tokenizer, 
         else:
             logits = hidden.new_zeros(0, teacher_vocab)
         report(batch, "aligned_fraction", aligned.float().mean() if aligned.numel() else 1.0)
-        return DenseSignal(logits, provenance, weight=aligned.float().to(device))  # (N, V_t), (N,)
+        return DenseSignal(logits, provenance, weight=aligned.float().to(device), vocab_map=shared)  # (N, V_t), (N,)
 
     return signal_fn

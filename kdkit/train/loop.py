@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from kdkit.config import Config
 from kdkit.data.collate import batch_order, collate
 from kdkit.data.render import TokenizedData
-from kdkit.losses import DIVERGENCES, distill_loss, forward_kl, fused_distill_loss, normalize, sparse_divergence
+from kdkit.losses import DIVERGENCES, distill_loss, forward_kl, fused_distill_loss, sparse_divergence
 from kdkit.models.forward import decoder_hidden, supervised_logits, supervised_positions
+from kdkit.models.vocab_map import shared_vocab_metrics
 from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
 from kdkit.train import dist as D
 from kdkit.train.metrics import MetricsWriter
@@ -164,7 +165,8 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
     num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     if dist.active:  # the global count: every rank's loss is its share of one mean
         num_tokens = int(D.all_sum(dist, [num_tokens])[0])
-    out = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0}
+    # kl and top1 are summed over the tokens the metrics cover (`metric_tokens`), then divided by them
+    out = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0, "metric_tokens": 0}
     lc = cfg.loss
     for batch in batches:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -174,6 +176,7 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
             if use_fused(lc, student, signal, vocab=vocab):
                 parts, kl, agree = _fused_micro(student, batch, signal, lc, vocab=vocab, num_tokens=num_tokens,
                                                 matmul_dtype=compute_dtype(device, precision))
+                kl, counted = kl * num_tokens, int((batch["labels"][:, 1:] != -100).sum())  # share → sum
             else:
                 if isinstance(signal, HeadSignal):  # the online teacher's rows + head: its logits, whole
                     signal = signal.dense()
@@ -193,18 +196,22 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
         (total * scale if scale != 1.0 else total).backward()
         if kl is None:
             with torch.no_grad():
-                kl, agree = agreement(s_logits.detach(), signal, parts, lc, num_tokens)
+                kl, agree, counted = agreement(s_logits.detach(), signal, parts, lc, num_tokens)
         out["kl"] += kl
         out["top1"] += agree
+        out["metric_tokens"] += counted
         for name, value in batch.get("log", {}).items():  # what training modes report (kdkit/train/modes.py)
             out[f"mode/{name}"] = out.get(f"mode/{name}", 0.0) + value / len(batches)
         out["loss"] += float(total.detach())
         out["kd"] += float(parts.kd)
         out["ce"] += float(parts.ce)
         out["tokens"] += int(batch["attention_mask"].sum())
-    out["top1"] /= max(num_tokens, 1)
     out["supervised_tokens"] = num_tokens
-    return D.reduce_metrics(dist, out)
+    out = D.reduce_metrics(dist, out)  # sums over ranks, the counts included
+    counted = out.pop("metric_tokens")
+    out["kl"] /= max(counted, 1)
+    out["top1"] /= max(counted, 1)
+    return out
 
 
 def use_fused(lc, student, signal, *, vocab: int | None = None) -> bool:
@@ -270,21 +277,26 @@ def _fused_micro(student, batch, signal, lc, *, vocab: int, num_tokens: int, mat
     return parts, float(parts.kl), float(parts.top1)
 
 
-def agreement(s_logits, signal, parts, lc, num_tokens: int) -> tuple[float, float]:
-    """(this micro-batch's share of KL(teacher ‖ student) at T = 1, count of top-1 agreements).
+def agreement(s_logits, signal, parts, lc, num_tokens: int) -> tuple[float, float, int]:
+    """(this micro-batch's sum of KL(teacher ‖ student) at T = 1, count of top-1 agreements, count of
+    the tokens both cover).
 
-    For a top-k signal the KL is over the k + 1 buckets and the teacher's argmax is its first id.
+    For a top-k signal the KL is over the k + 1 buckets and the teacher's argmax is its first id. A
+    cross-tokenizer signal (`vocab_map`) counts its aligned rows only (weight > 0), its KL and top-1
+    taken through the vocabulary map (kdkit.models.vocab_map), never by id across vocabularies.
     """
+    if isinstance(signal, DenseSignal) and signal.vocab_map is not None:
+        keep = signal.weight > 0 if signal.weight is not None else slice(None)  # (N,) aligned rows
+        kl, same = shared_vocab_metrics(s_logits[keep], signal.logits[keep], signal.vocab_map)
+        return float(kl.sum()), float(same.sum()), int(same.numel())
     if lc.divergence == "forward_kl" and lc.temperature == 1:
-        kl = parts.kd  # already this quantity
-    elif isinstance(signal, DenseSignal) and signal.logits.shape[-1] != s_logits.shape[-1]:
-        kl = math.nan  # cross-tokenizer: no KL across vocabularies (its loss is uld)
+        kl = float(parts.kd) * num_tokens  # already this quantity, as a share of the step's tokens
     elif isinstance(signal, SparseSignal):
-        kl = normalize(sparse_divergence("forward_kl", s_logits, signal).sum(), num_tokens)
+        kl = float(sparse_divergence("forward_kl", s_logits, signal).sum())
     else:
-        kl = normalize(forward_kl(s_logits, signal.logits).sum(), num_tokens)
+        kl = float(forward_kl(s_logits, signal.logits).sum())
     teacher_top = signal.ids[:, 0] if isinstance(signal, SparseSignal) else signal.logits.argmax(-1)
-    return float(kl), float((s_logits.argmax(-1) == teacher_top).sum())
+    return kl, float((s_logits.argmax(-1) == teacher_top).sum()), int(s_logits.shape[0])
 
 
 def _div_kwargs(lc) -> dict:
