@@ -7,6 +7,7 @@ teacher, offline cache or served teacher alike), so the same loop serves every t
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -349,11 +350,55 @@ def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str])
     return finite
 
 
+class TimeBudget:
+    """`train.max_seconds`: how many steps fit the budget, measured on the first PROBE steps (inside
+    the warm-up, so the schedule has not moved yet) and fixed from then on: written to
+    RUN_DIR/budget.json, which a resumed run reads instead of measuring again."""
+
+    PROBE = 3
+
+    def __init__(self, tc, run_dir: Path, *, resume: bool):
+        self.path, self.tc, self.t0 = run_dir / "budget.json", tc, None
+        self.pending = tc.max_seconds is not None
+        if self.pending and resume and self.path.exists():
+            tc.max_steps, self.pending = min(tc.max_steps, json.loads(self.path.read_text())["max_steps"]), False
+
+    def after_step(self, done: int, ctx, *, main: bool) -> None:
+        """Called after each step; `done` steps of this run so far (the first one's time is not used)."""
+        if not self.pending:
+            return
+        if done == 1:
+            self.t0 = time.perf_counter()
+            return
+        if done == 1 + self.PROBE:
+            per_step = (time.perf_counter() - self.t0) / self.PROBE
+            left = self.tc.max_seconds - (time.perf_counter() - self.started)
+            total = min(self.tc.max_steps, done + max(0, int(left / per_step)))
+            total = int(D.all_sum(ctx, [total])[0] / ctx.world)  # every rank the same count
+            self.tc.max_steps, self.pending = max(total, done), False
+            if main:
+                atomic_write_text(self.path, json.dumps({"max_steps": self.tc.max_steps, "seconds_per_step": per_step,
+                                                         "max_seconds": self.tc.max_seconds}))
+            log.info("train.max_seconds=%s: %.2f s/step, %d steps", self.tc.max_seconds, per_step, self.tc.max_steps)
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, run_dir: Path, vocab: int,
             pad_id: int, resume: bool = False, plugins: Plugins | None = None) -> TrainResult:
     """Train `student` against `signal_fn` for cfg.train.max_steps optimizer steps (on every rank of
-    a torchrun / accelerate launch; rank 0 logs and its result carries the trained student)."""
-    tc = cfg.train
+    a torchrun / accelerate launch; rank 0 logs and its result carries the trained student);
+    `train.max_seconds` may lower that count to what fits its budget (TimeBudget)."""
+    tc = cfg.train.model_copy()  # its max_steps may follow the time budget; the schedule reads it live
+    budget = TimeBudget(tc, run_dir, resume=resume)
     plugins = plugins or Plugins()
     ctx = D.init(tc.distributed)
     device = pick_device(tc.device)
@@ -376,10 +421,11 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
         torch.manual_seed(tc.seed)
     writer = MetricsWriter(run_dir, start_step=start) if ctx.main else None
     history, bad_in_a_row = [], 0
-    bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc="distill", unit="step",
-               disable=not ctx.main)
+    bar = tqdm(initial=start, total=tc.max_steps, desc="distill", unit="step", disable=not ctx.main)
+    budget.start()
+    step = start
     with Preemption() as preempt:
-        for step in bar:
+        while step < tc.max_steps:
             t0 = time.perf_counter()
             batches = micro_batches(data, step, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
                                     seed=tc.seed, pad_id=pad_id)
@@ -409,6 +455,11 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
                 raise SystemExit(143)
             if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.max_steps:
                 save(step + 1)
+            step += 1
+            budget.after_step(step - start, ctx, main=ctx.main)
+            bar.total = tc.max_steps
+            bar.update(1)
+    bar.close()
     save(tc.max_steps)
     if writer:
         writer.close()
