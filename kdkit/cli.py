@@ -93,6 +93,23 @@ def distill(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
 
 
 @app.command()
+def draft(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
+          resume: bool = typer.Option(False, "--resume", help="continue from the newest whole checkpoint")):
+    """Distil a speculative-decoding draft for the teacher (or draft.target, e.g. a saved student); logs
+    held-out acceptance while training, then measures the speed-up (assisted generation, greedy)."""
+    from kdkit.recipes import draft as recipe
+
+    out = recipe.run(_load(config, overrides), resume=resume)
+    if out["acceptance"]:
+        first, last = out["acceptance"][0], out["acceptance"][-1]
+        typer.echo(f"held-out greedy match rate: {first['match_rate']:.3f} (step {first['step']}) → "
+                   f"{last['match_rate']:.3f} (step {last['step']})")
+    if out.get("table"):
+        typer.echo("\n" + out["table"] + "\n")
+    typer.echo(f"draft: {out['draft_dir']}")
+
+
+@app.command()
 def generate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES):
     """The teacher writes data: answers to a file of prompts, or generate.tasks (elicitation strategies)."""
     from kdkit.recipes import generate as recipe

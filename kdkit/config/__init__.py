@@ -23,6 +23,7 @@ from kdkit.config.modes import (  # noqa: F401
     ModesConfig, OnPolicyConfig, PreferenceConfig, ProgressiveConfig, ReplayConfig, SelectiveConfig,
     SelfDistillConfig, TeacherSpec, TeachersConfig,
 )
+from kdkit.config.draft import DraftConfig  # noqa: F401
 from kdkit.config.sections import (  # noqa: F401
     DataConfig, EvalConfig, FilterConfig, GenerateConfig, LoraConfig, LossConfig, PruneConfig, Section,
     StudentConfig, TaskConfig, TeacherConfig, TrainConfig,
@@ -52,6 +53,7 @@ class Config(Section):
     modes: ModesConfig = Field(default_factory=ModesConfig, description="training modes (all off by default)")
     features: FeaturesConfig = Field(default_factory=FeaturesConfig,
                                      description="white-box distillation: hidden states, attention maps")
+    draft: DraftConfig = Field(default_factory=DraftConfig, description="kdkit draft: a speculative-decoding draft")
 
     @model_validator(mode="after")
     def _check(self):
@@ -231,7 +233,9 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
     for section, key in (("data", "train"), ("data", "eval"), ("generate", "prompts"),
                          ("generate", "eval_prompts"), ("teacher", "path"), ("student", "path"),
                          ("prune", "calibration"), ("preference", "prompts"),
-                         ("preference", "pairs"), ("preference", "judge_template")):
+                         ("preference", "pairs"), ("preference", "judge_template"),
+                         ("draft", "target"), ("draft", "path"), ("draft", "data"), ("draft", "prompts"),
+                         ("draft", "heldout")):
         part = getattr(cfg, section)
         setattr(part, key, fix(getattr(part, key)))
     for part, key in ((cfg.modes.replay, "data"), (cfg.modes.replay, "eval"),

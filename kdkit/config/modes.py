@@ -18,6 +18,7 @@ class OnPolicyConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="tokens sampled per on-policy answer")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the student's answers")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling of the student's answers")
+    greedy: bool = Field(False, description="greedy continuations instead of samples (a speculative draft's proposals)")
 
 
 class TeacherSpec(Section):

@@ -69,7 +69,8 @@ def prompt_part(ids: list[int], labels: list[int]) -> list[int]:
 @torch.no_grad()
 def sample_answers(student, prompts: list[list[int]], oc: OnPolicyConfig, *, seed: int, pad_id: int,
                    eos_id: int | None) -> list[list[int]]:
-    """Continuations the student samples for left-padded prompts, cut after the first EOS."""
+    """Continuations the student samples (or, oc.greedy, decodes greedily) for left-padded prompts, cut
+    after the first EOS."""
     device = next(student.parameters()).device
     batch = collate(prompts, None, pad_id=pad_id, side="left")  # (B, P), prompts end at P
     was_training = student.training
@@ -77,9 +78,10 @@ def sample_answers(student, prompts: list[list[int]], oc: OnPolicyConfig, *, see
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # sampling never moves the run's own RNG stream
         torch.manual_seed(seed)
+        sampling = {"do_sample": False} if oc.greedy else {"do_sample": True, "temperature": oc.temperature,
+                                                             "top_p": oc.top_p, "top_k": 0}
         out = student.generate(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device), do_sample=True,
-                               temperature=oc.temperature, top_p=oc.top_p, top_k=0,
+                               attention_mask=batch["attention_mask"].to(device), **sampling,
                                max_new_tokens=oc.max_new_tokens, min_new_tokens=1, pad_token_id=pad_id,
                                eos_token_id=eos_id)  # (B, P + new)
     student.train(was_training)
