@@ -421,3 +421,27 @@ def test_save_tiny_model_loads_with_auto_classes(tmp_path, tok, vocab_pad_to):
 def test_vocab_pad_to_below_tokenizer_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="below"):
         save_tiny_model(tmp_path / "m", vocab_pad_to=10)
+
+
+def test_no_held_out_prompt_or_near_duplicate_reaches_the_quickstart_training_prompts():
+    """The shipped instructions: no train prompt is a MinHash near-duplicate (est. Jaccard ≥ 0.5 on
+    word 3-shingles) or a normalised exact copy of a held-out one."""
+    import json
+    from importlib.resources import files
+
+    import numpy as np
+
+    from kdkit.data.quality import minhash, normalise
+
+    root = files("kdkit") / "assets" / "instructions"
+    read = lambda name: [json.loads(x)["prompt"] for x in (root / name).read_text().splitlines() if x.strip()]
+    held, train = read("heldout.jsonl"), read("train.jsonl")
+    assert len(held) == 48 and len(train) >= 320
+    held_sigs = np.stack([minhash(t) for t in held])  # (48, P)
+    clashes = [(t, held[int(j)]) for t in train
+               for j in [np.argmax((held_sigs == minhash(t)).mean(-1))]
+               if (held_sigs[j] == minhash(t)).mean() >= 0.5 or normalise(t) == normalise(held[int(j)])]
+    assert clashes == []
+    # the check itself can fail: a held-out prompt with one word changed is caught
+    probe = held[0].replace(held[0].split()[-1], "today?")
+    assert (held_sigs == minhash(probe)).mean(-1).max() >= 0.5
