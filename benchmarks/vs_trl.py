@@ -387,8 +387,10 @@ def notes(args, data: dict, ref: dict | None, runs: dict, load: tuple) -> list[s
     out += [
         "- optimizer and schedule: one kdkit AdamW (betas 0.9/0.95, weight decay 0, clip 1.0) + linear warm-up "
         f"({min(args.warmup, args.steps)} steps) and cosine to 0.1×, built by kdkit.train.optim.build_optimizer "
-        "for each side and handed to TRL's Trainer as `optimizers=`, so only the trainers differ; data order differs (kdkit's seeded epoch permutation, "
-        "the HF RandomSampler)",
+        "for each side and handed to TRL's Trainer as `optimizers=`, so only the trainers differ; data order: each "
+        "trainer's own seeded shuffle (seed 0 on both)"
+        + (f"; {ref['rows']} rows is not a multiple of the batch: HF ends each epoch with a short batch, kdkit's "
+           "stream wraps into the next epoch" if ref and ref["rows"] % args.batch_size else ""),
         "- TRL: gradient_checkpointing=False (TRL's SFT default is True: less memory, slower), disable_dropout, "
         "padding on the left; its loss materialises (B, T, V) logits for student and teacher; kdkit uses its "
         "default loss implementation"
