@@ -57,7 +57,32 @@ def run_pipeline(cfg: Config, stages=STAGES, *, resume: bool = False) -> dict:
         out = distill.run(cfg, resume=resume, teacher=teacher)
     elif "eval" in stages:
         out = evaluate.run(cfg, teacher=teacher)
+    if "distill" in stages and cfg.draft.pipeline and "student_dir" in out:
+        out = draft_stage(cfg, out, teacher=teacher, resume=resume)
     return out
+
+
+def draft_stage(cfg: Config, out: dict, *, teacher, resume: bool) -> dict:
+    """draft.pipeline: a draft for the student just made (RUN_DIR/draft), its speed-up beside the
+    teacher's with draft.path (a teacher's draft, when given), both in the table and report.md."""
+    from kdkit.eval.speculative import speed_report
+    from kdkit.models.load import load_model, load_tokenizer, resolve
+    from kdkit.recipes import draft
+
+    from kdkit.train.loop import pick_device
+
+    made = draft.run(cfg, resume=resume, target=out["student_dir"])
+    tables = [made["table"] or ""]
+    if cfg.draft.path:
+        src = resolve(cfg.draft.path)
+        tables.insert(0, speed_report(cfg.draft, teacher.model, load_model(src), load_tokenizer(src),
+                                      title=f"teacher `{teacher.source.id}` with the draft `{cfg.draft.path}`",
+                                      device=pick_device(cfg.draft.train.device))[1])
+    text = "\n\n".join(t for t in tables if t)
+    report = Path(out["run_dir"]) / "report.md"
+    if text and report.is_file():
+        report.write_text(report.read_text().rstrip() + "\n\n## Speculative decoding\n\n" + text + "\n")
+    return {**out, "draft": made, "table": "\n\n".join(t for t in (out.get("table"), text) if t)}
 
 
 @app.command()

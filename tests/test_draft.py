@@ -142,6 +142,12 @@ def test_cli_draft_writes_draft_card_and_speedup(draft_config, tmp_path, tiny_te
     assert measured["final"]["identical"] == measured["final"]["prompts"]
     gen = json.loads((out / "draft" / "generation_config.json").read_text())
     assert gen["num_assistant_tokens"] == measured["best_gamma"] and "speed-up" in stdout
+    # kdkit eval with draft.path (no student in this run dir): the draft's speed-up alone
+    code, stdout, stderr = _kdkit(monkeypatch, capsys, "eval", draft_config, f"draft.path={out / 'draft'}",
+                                  "draft.gammas=[1]")
+    assert code == 0, stderr[-3000:]
+    again = json.loads((tmp_path / "run" / "speculative.json").read_text())
+    assert again["final"]["identical"] == again["final"]["prompts"] and "| γ |" in stdout
 
 
 @pytest.mark.parametrize("override, message", [("draft.num_layers=0", "draft.num_layers"),
@@ -150,3 +156,20 @@ def test_cli_draft_writes_draft_card_and_speedup(draft_config, tmp_path, tiny_te
 def test_cli_draft_bad_config_exits_2(draft_config, override, message, monkeypatch, capsys):
     code, _, stderr = _kdkit(monkeypatch, capsys, "draft", draft_config, override)
     assert code == 2 and message in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_pipeline_drafts_for_the_student_it_made(tiny_config, tmp_path):
+    from kdkit.cli import run_pipeline
+
+    held = tmp_path / "eval.jsonl"  # tiny_config's held-out rows
+    cfg = load_config(tiny_config, ["train.max_steps=2", "train.save_every=0", "eval.speed=false",
+                                    "draft.pipeline=true", "draft.num_layers=1", f"draft.prompts={tmp_path / 'train.jsonl'}",
+                                    "draft.prompts_limit=8", "draft.answer_tokens=8", f"draft.heldout={held}",
+                                    "draft.train.max_steps=2", "draft.train.threads=1", "draft.eval_every=0",
+                                    "draft.gammas=[1]", "draft.gamma_prompts=1", "draft.speed_prompts=1",
+                                    "draft.new_tokens=6", "draft.threads=1"])
+    out = run_pipeline(cfg, ("distill",))
+    student = Path(cfg.run.dir) / "student"
+    assert f"**Target:** `{student}`" in (Path(cfg.run.dir) / "draft" / "draft" / "README.md").read_text()
+    assert out["draft"]["speculative"]["final"]["identical"] == 1
+    assert "with its draft" in out["table"] and "## Speculative decoding" in (Path(cfg.run.dir) / "report.md").read_text()

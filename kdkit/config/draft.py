@@ -31,6 +31,9 @@ class DraftConfig(Section):
     layers: list[int] | None = Field(None, description="init=target_layers: explicit target layer indices to keep (num_layers is then ignored)")
     prune_metric: Literal["cosine", "ppl"] = Field(
         "cosine", description="init=prune: layer ranking (cosine: one pass; ppl: one pass per layer skipped)")
+    train_head: bool = Field(
+        False, description="also train the embeddings and head (tied in SmolLM2); off: they stay the target's and "
+        "only the draft's layers and final norm learn (a fifth of the parameters: faster steps, a stable start)")
     divergence: Literal["tvd", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = Field(
         "tvd", description="per-token divergence to the target (kdkit.losses): TVD bounds the greedy rejection rate")
     alpha: float = Field(1.0, ge=0.0, le=1.0, description="weight of the divergence; 1 - alpha: CE on the data's tokens")

@@ -24,10 +24,15 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from kdkit.data.collate import collate
+from kdkit.data.sources import load_examples
+from kdkit.errors import UserError
+
+HELDOUT = Path(__file__).resolve().parent.parent / "assets" / "instructions" / "heldout.jsonl"  # the project's
 
 
 @contextmanager
@@ -313,3 +318,28 @@ def draft_table(m: dict, *, title: str = "target with its draft") -> str:
                  f"{f['assisted_tokens_per_s']:.1f} | **{f['speedup']:.2f}x** | {f['predicted_speedup']:.2f}x | "
                  f"{f['identical']}/{f['prompts']} |")
     return "\n".join(lines)
+
+
+def heldout_prompts(dc, tokenizer) -> list[torch.Tensor]:
+    """The prompts of `draft.heldout` (default: kdkit's packaged held-out prompts) as token ids."""
+    path = dc.heldout or HELDOUT
+    prompts = prompt_ids(tokenizer, load_examples(path))
+    if not prompts:
+        raise UserError(f"draft.heldout {path}: no chat prompts in it (rows need 'prompt' or 'messages')")
+    return prompts
+
+
+def speed_report(dc, target_model, draft, tokenizer, *, title: str, device="cpu") -> tuple[dict, str]:
+    """`measure_draft` as the `draft` config section `dc` asks, with dc.threads torch threads
+    (restored after): (the measurement, its markdown table)."""
+    threads = torch.get_num_threads()
+    if dc.threads:
+        torch.set_num_threads(dc.threads)
+    try:
+        m = measure_draft(target_model.to(device), draft.to(device),
+                          [p.to(device) for p in heldout_prompts(dc, tokenizer)], gammas=dc.gammas,
+                          gamma_prompts=dc.gamma_prompts, speed_prompts=dc.speed_prompts, new_tokens=dc.new_tokens,
+                          pad_id=tokenizer.pad_token_id)
+    finally:
+        torch.set_num_threads(threads)
+    return m, draft_table(m, title=title)

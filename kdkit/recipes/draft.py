@@ -30,8 +30,8 @@ import torch
 from kdkit.config import Config, FeaturesConfig, ModesConfig, OnPolicyConfig, save_config
 from kdkit.data.sources import load_examples
 from kdkit.errors import UserError
-from kdkit.eval.speculative import (acceptance_summary, draft_table, greedy_continuations, greedy_matches,
-                                    measure_draft, prompt_ids)
+from kdkit.eval.speculative import (acceptance_summary, greedy_continuations, greedy_matches, heldout_prompts,
+                                    speed_report)
 from kdkit.models.license import gate_from_config, license_card_lines
 from kdkit.models.load import count_parameters, head_rows, shared_vocab_size, student_from_layers, uniform_layers
 from kdkit.prune.depth import prune_depth
@@ -43,7 +43,7 @@ from kdkit.train.modes import add_mode_plugins
 from kdkit.train.setup import load_teacher, save_student, tokenize_file
 
 log = logging.getLogger(__name__)
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "instructions"
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "instructions"  # packaged prompts
 
 
 # ---------------------------------------------------------------- config
@@ -96,18 +96,25 @@ def fixed_data(cfg: Config, target, run_dir: Path) -> Path:
 
 
 def init_draft(cfg: Config, target, train, *, pad_id: int):
-    """(draft model, a one-line description): a copy of a few of the target's layers."""
+    """(draft model, a one-line description): a copy of a few of the target's layers; unless
+    draft.train_head, its embeddings and head stay frozen (the optimizer takes trainable parameters only)."""
     d, model = cfg.draft, target.model
     total = model.config.num_hidden_layers
     torch.manual_seed(d.train.seed)
     if d.init == "prune":
         imp = compute_importance(model, train, pad_id=pad_id, layer_ppl=d.prune_metric == "ppl")
         draft, layers = prune_depth(model, imp, d.num_layers, metric=d.prune_metric)
-        return draft, f"the {len(layers)} most important ({d.prune_metric}) layers {layers} of the target's {total}"
-    layers = d.layers if d.layers is not None else uniform_layers(total, d.num_layers)
-    if not layers or any(not 0 <= i < total for i in layers):
-        raise UserError(f"draft.layers {layers}: indices must lie in 0..{total - 1} (the target's layers)")
-    return student_from_layers(model, layers), f"target layers {layers} of {total}"
+        how = f"the {len(layers)} most important ({d.prune_metric}) layers {layers} of the target's {total}"
+    else:
+        layers = d.layers if d.layers is not None else uniform_layers(total, d.num_layers)
+        if not layers or any(not 0 <= i < total for i in layers):
+            raise UserError(f"draft.layers {layers}: indices must lie in 0..{total - 1} (the target's layers)")
+        draft, how = student_from_layers(model, layers), f"target layers {layers} of {total}"
+    if not d.train_head:
+        for module in (draft.get_input_embeddings(), draft.get_output_embeddings()):
+            module.weight.requires_grad_(False)
+        how += "; embeddings and head the target's, frozen"
+    return draft, how
 
 
 class AcceptanceProbe:
@@ -130,9 +137,14 @@ class AcceptanceProbe:
                 except (ValueError, KeyError):
                     break  # a torn last line from a kill
 
+    def last_step(self) -> int:
+        """draft.train.max_steps, or fewer where train.max_seconds cut it (the loop's RUN_DIR/budget.json)."""
+        budget = self.path.parent / "budget.json"
+        return json.loads(budget.read_text())["max_steps"] if budget.is_file() else self.d.train.max_steps
+
     def __call__(self, step: int) -> None:
         d = self.d
-        if d.eval_every == 0 or not (step % d.eval_every == 0 or step == d.train.max_steps):
+        if d.eval_every == 0 or not (step % d.eval_every == 0 or step == self.last_step()):
             return
         matches = greedy_matches(self.draft, self.prompts, self.texts, pad_id=self.pad_id)
         row = {"step": step, **acceptance_summary(matches, d.gammas, max_new_tokens=d.new_tokens)}
@@ -171,30 +183,6 @@ def draft_card(*, target, init: str, draft_params: int, target_params: int, cfg:
     return "\n".join(lines)
 
 
-def heldout_prompts(cfg: Config, tokenizer) -> list[torch.Tensor]:
-    path = cfg.draft.heldout or ASSETS / "heldout.jsonl"
-    prompts = prompt_ids(tokenizer, load_examples(path))
-    if not prompts:
-        raise UserError(f"draft.heldout {path}: no chat prompts in it (rows need 'prompt' or 'messages')")
-    return prompts
-
-
-def speed_report(cfg: Config, target_model, draft, tokenizer, *, title: str) -> tuple[dict, str]:
-    """measure_draft on the held-out prompts, with draft.threads torch threads (restored after)."""
-    d, threads = cfg.draft, torch.get_num_threads()
-    if d.threads:
-        torch.set_num_threads(d.threads)
-    try:
-        device = pick_device(d.train.device)
-        m = measure_draft(target_model.to(device), draft.to(device),
-                          [p.to(device) for p in heldout_prompts(cfg, tokenizer)], gammas=d.gammas,
-                          gamma_prompts=d.gamma_prompts, speed_prompts=d.speed_prompts, new_tokens=d.new_tokens,
-                          pad_id=tokenizer.pad_token_id)
-    finally:
-        torch.set_num_threads(threads)
-    return m, draft_table(m, title=title)
-
-
 # ---------------------------------------------------------------- run
 
 
@@ -219,7 +207,7 @@ def run(cfg: Config, *, resume: bool = False, teacher=None, target: str | Path |
                                eos_id=tok.eos_token_id)  # on-policy: the draft's own continuations
     probe = None
     if cfg.draft.eval_every:
-        probe = AcceptanceProbe(draft, tgt.model, heldout_prompts(cfg, tok)[:cfg.draft.eval_prompts], cfg=cfg,
+        probe = AcceptanceProbe(draft, tgt.model, heldout_prompts(cfg.draft, tok)[:cfg.draft.eval_prompts], cfg=cfg,
                                 run_dir=run_dir, pad_id=tok.pad_token_id)
         if 0 not in probe.records:
             probe(0)
@@ -231,7 +219,8 @@ def run(cfg: Config, *, resume: bool = False, teacher=None, target: str | Path |
     draft = result.student
 
     # ---- measure and save
-    measured, table = (speed_report(cfg, tgt.model, draft, tok, title=f"`{tgt.source.id}` with its draft")
+    measured, table = (speed_report(cfg.draft, tgt.model, draft, tok, title=f"`{tgt.source.id}` with its draft",
+                                       device=device)
                        if cfg.draft.speed else (None, None))
     if measured:
         draft.generation_config.num_assistant_tokens = measured["best_gamma"]

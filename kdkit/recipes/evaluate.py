@@ -19,8 +19,9 @@ from kdkit.errors import UserError
 from kdkit.eval.harness import run_harness
 from kdkit.eval.report import retention_table
 from kdkit.eval.retention import evaluate_models, markdown_table, write_report
+from kdkit.eval.speculative import speed_report
 from kdkit.eval.speed import disk_bytes, measure_dirs, measure_speed
-from kdkit.models.load import head_rows, load_model, load_tokenizer, resolve, shared_vocab_size
+from kdkit.models.load import head_rows, load_model, load_tokenizer, resolve, shared_vocab_size, tokenizer_hash
 from kdkit.train.loop import pick_device
 from kdkit.train.setup import build_student, load_teacher, tokenize_file
 
@@ -28,6 +29,8 @@ from kdkit.train.setup import build_student, load_teacher, tokenize_file
 def run(cfg: Config, *, teacher=None) -> dict:
     run_dir = Path(cfg.run.dir)
     student_dir = Path(cfg.run.student_dir) if cfg.run.student_dir else run_dir / "student"
+    if cfg.draft.path and not cfg.run.student_dir and not student_dir.is_dir():
+        return _with_draft(cfg, teacher or load_teacher(cfg), {"table": ""})  # a draft alone: its speed-up only
     if not student_dir.is_dir():
         raise UserError(f"no student at {student_dir}: run `kdkit distill` first or set run.student_dir")
     teacher = teacher or load_teacher(cfg)
@@ -58,7 +61,31 @@ def run(cfg: Config, *, teacher=None) -> dict:
                 metrics[name].update(result)
     json_path, md_path = write_report(metrics, run_dir)
     table = markdown_table(metrics) + "\n\n" + retention_table(metrics)
-    return {"metrics": metrics, "table": table, "metrics_path": json_path, "report_path": md_path}
+    out = {"metrics": metrics, "table": table, "metrics_path": json_path, "report_path": md_path}
+    return _with_draft(cfg, teacher, out) if cfg.draft.path else out
+
+
+def _with_draft(cfg: Config, teacher, out: dict) -> dict:
+    """eval with draft.path: the draft's measured speed-up for its target (draft.target, else the
+    teacher), greedy, output checked identical; RUN_DIR/speculative.json + .md, appended to the table."""
+    target_path = cfg.draft.target
+    target_src = resolve(target_path) if target_path else teacher.source
+    target = load_model(target_src) if target_path else teacher.model
+    src = resolve(cfg.draft.path)
+    draft, tok = load_model(src), load_tokenizer(src)
+    target_tok = load_tokenizer(target_src) if target_path else teacher.tokenizer
+    if tokenizer_hash(tok) != tokenizer_hash(target_tok):  # assisted generation compares token ids
+        raise UserError(f"draft.path {cfg.draft.path}: its tokenizer differs from the target's ({target_src.id}); "
+                        "a speculative draft must share the target's tokenizer (`kdkit draft` makes one)")
+    measured, table = speed_report(cfg.draft, target, draft, tok, title=f"`{target_src.id}` with the draft "
+                                   f"`{cfg.draft.path}`", device=pick_device(cfg.train.device))
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "speculative.json").write_text(json.dumps(measured, indent=1))
+    (run_dir / "speculative.md").write_text(table + "\n")
+    path = run_dir / "speculative.md"
+    return {**out, "speculative": measured, "table": (out["table"] + "\n\n" + table).strip(),
+            "metrics_path": out.get("metrics_path", run_dir / "speculative.json"), "report_path": out.get("report_path", path)}
 
 
 def _speed(models: dict, dirs: dict, device: torch.device, ec) -> list[dict]:
