@@ -289,3 +289,14 @@ def test_time_budget_fixes_the_step_count_and_a_resumed_run_keeps_it(tiny_config
     assert lr[-1] < 0.2 * max(lr)  # the cosine spans the budgeted steps: it ends near its floor
     again = distill.run(cfg, resume=True)  # resumes at the end: the same count, nothing measured anew
     assert again["history"] == [] and json.loads((Path(cfg.run.dir) / "budget.json").read_text()) == budget
+
+
+def test_baseline_layers_adds_the_untrained_reference_and_the_ce_gap_closed(tiny_config):
+    cfg = load_config(tiny_config, ["train.max_steps=20", "train.save_every=0", "eval.baseline_layers=1",
+                                    "eval.speed=false"])
+    m = distill.run(cfg)["metrics"]
+    assert list(m) == ["teacher", "baseline", "student_before", "student_after"]
+    assert m["baseline"]["ce_gap_closed"] == pytest.approx(0.0) and m["teacher"]["ce_gap_closed"] == pytest.approx(1.0)
+    gap = (m["baseline"]["ce"] - m["student_after"]["ce"]) / (m["baseline"]["ce"] - m["teacher"]["ce"])
+    assert m["student_after"]["ce_gap_closed"] == pytest.approx(gap)
+    assert "CE gap closed" in (Path(cfg.run.dir) / "report.md").read_text()

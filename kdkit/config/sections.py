@@ -250,6 +250,9 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1, description="examples per evaluation batch")
     limit: int | None = Field(None, ge=1, description="evaluate only the first N held-out examples")
     student_before: bool = Field(True, description="also evaluate the student before distillation")
+    baseline_layers: int | None = Field(
+        None, ge=1, description="also evaluate the untrained student keeping this many of the teacher's layers "
+        "(spread uniformly): the reference of `CE gap closed` = (CE_baseline - CE) / (CE_baseline - CE_teacher)")
     harness_tasks: list[str] = Field(
         default_factory=list,
         description="lm-evaluation-harness tasks run on every model: shipped kdkit_mc (multiple choice, acc) and "
@@ -285,7 +288,16 @@ class PruneConfig(Section):
         "(query heads pruned within groups), else whole groups",
     )
     hidden_size: int | None = Field(None, ge=1, description="width: embedding channels kept (every norm, embedding, head)")
-    round_to: int = Field(8, ge=1, description="target_params: chosen widths are multiples of this (64 suits GPUs)")
+    round_to: int = Field(
+        32, ge=1,
+        description="target_params: chosen hidden/intermediate sizes are multiples of this that the architecture "
+        "accepts (32: GGUF's quant blocks; 64 or 128 suit GPU kernels best)",
+    )
     calibration: str | None = Field(None, description="calibration data for importance (default: data.train)")
     calibration_samples: int = Field(64, ge=1, description="examples of the calibration data used")
     batch_size: int = Field(8, ge=1, description="calibration examples per forward pass")
+    ppl_tokens: int = Field(
+        512, ge=1,
+        description="layer_metric ppl: calibration tokens (leading examples) the per-layer skip perplexities are "
+        "computed on; they cost about L/2 forward passes per token, the other scores one",
+    )

@@ -80,6 +80,16 @@ def evaluate_models(models: dict, teacher, data: TokenizedData, *, vocab: int, p
     return out
 
 
+def add_ce_gap(metrics: dict[str, dict], *, baseline: str = "baseline") -> dict[str, dict]:
+    """`ce_gap_closed` for every model: the share of the cross-entropy gap between the `baseline`
+    model and the teacher that it closes (0 = the baseline, 1 = the teacher's CE)."""
+    ref, teacher = metrics[baseline]["ce"], metrics["teacher"]["ce"]
+    for m in metrics.values():
+        if m.get("ce") is not None and ref is not None and teacher is not None and ref != teacher:
+            m["ce_gap_closed"] = (ref - m["ce"]) / (ref - teacher)
+    return metrics
+
+
 def _timed_signal(signal_fn, batch, acc):
     t0 = time.perf_counter()
     signal = signal_fn(batch)
@@ -103,6 +113,7 @@ ROWS = [  # (metric key, label, format, retention: higher is better?)
     ("ppl", "perplexity", "{:.2f}", False),
     ("kl_to_teacher", "KL(teacher ‖ model)", "{:.3f}", None),
     ("top1_agreement", "top-1 agreement with teacher", "{:.1%}", None),
+    ("ce_gap_closed", "CE gap closed (vs baseline)", "{:.1%}", None),
     ("tokens_per_s", "forward tokens/s", "{:,.0f}", True),
     # kdkit.eval.speed (eval.speed): batch 1, prefill of a prompt, then greedy decode on the KV cache
     ("prefill_tokens_per_s", "prefill tokens/s", "{:,.0f}", True),

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from kdkit.config import Config, save_config
-from kdkit.eval.retention import evaluate_models, markdown_table, write_report
+from kdkit.eval.retention import add_ce_gap, evaluate_models, markdown_table, write_report
 from kdkit.models.license import gate_from_config
-from kdkit.models.load import count_parameters, head_rows, shared_vocab_size
+from kdkit.models.load import count_parameters, head_rows, shared_vocab_size, student_from_layers, uniform_layers
 from kdkit.models.lora import apply_lora, merge_lora
 from kdkit.signal import Provenance
 from kdkit.teacher.cache import CacheReader, cache_signal_fn, dataset_hash
@@ -130,11 +130,16 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
                                           batch_size=cfg.eval.batch_size, device=device)
     if held_out:
         models = {**({"student_before": before.to(device)} if before else {}), "student_after": student}
+        if cfg.eval.baseline_layers:  # the untrained uniform student: the CE gap's far end
+            layers = uniform_layers(teacher.model.config.num_hidden_layers, cfg.eval.baseline_layers)
+            models = {"baseline": student_from_layers(teacher.model, layers).to(device), **models}
         cross = cfg.modes.cross_tokenizer.enabled  # compared on aligned tokens, through the vocabulary map
         teacher_signal = signal_source(cfg, teacher, tok, student, train)[0] if cross else None
         metrics = evaluate_models(models, teacher.model.to(device), held_out, vocab=vocab,
                                   pad_id=tok.pad_token_id, batch_size=cfg.eval.batch_size, device=device,
                                   teacher_signal=teacher_signal)
+        if cfg.eval.baseline_layers:
+            metrics = add_ce_gap(metrics)
         table = markdown_table(metrics)
         write_report(metrics, run_dir, extra={"train_steps": result.steps, "general": general_metrics})
     card = model_card(teacher=teacher, init=init, student_params=count_parameters(student),
