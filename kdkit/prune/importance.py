@@ -12,11 +12,13 @@ One forward pass with hooks scores every prunable unit, averaged over the real (
 
 Layers get two scores: the mean cosine distance 1 - cos(x_in, x_out) between a block's input and
 output (ShortGPT's "block influence"), and the perplexity increase on the calibration labels when
-the block is skipped (its output replaced by its input), one extra forward pass per layer.
+the block is skipped (its output replaced by its input). The latter reruns only the blocks after the
+skipped one, from a recorded forward, on a token budget (`ppl_tokens`): L²/2 block passes per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from kdkit.data.collate import collate
 from kdkit.data.render import IGNORE, TokenizedData
-from kdkit.models.forward import supervised_logits
+from kdkit.models.forward import project, supervised_positions
 
 
 @dataclass
@@ -36,8 +38,8 @@ class Importance:
     mlp: list[list[float]]  # (L, I) per MLP neuron
     hidden: list[float]  # (H,) per embedding channel
     cosine_distance: list[float]  # (L,) mean 1 - cos(block input, block output)
-    ppl_increase: list[float]  # (L,) perplexity with the block skipped minus base_ppl ([]: not computed)
-    base_ppl: float
+    ppl_increase: list[float]  # (L,) ppl with the block skipped minus without, on the ppl_tokens examples ([]: none)
+    base_ppl: float  # on every calibration example
     num_key_value_heads: int
     tokens: int  # calibration tokens the activation scores average over
 
@@ -71,11 +73,14 @@ class Importance:
 
 
 def calibration_batches(data, *, pad_id: int, batch_size: int = 8) -> list[dict]:
-    """TokenizedData → padded batches with labels; a list of batches passes through (labels added
-    where missing: every real token is then a target)."""
+    """TokenizedData → padded batches with labels, longest first (similar lengths share a batch, so little
+    compute goes to padding; every score is a sum over tokens, so order does not matter). A list of
+    batches passes through (labels added where missing: every real token is then a target)."""
     if isinstance(data, TokenizedData):
-        return [collate(data.input_ids[i:i + batch_size], data.labels[i:i + batch_size], pad_id=pad_id)
-                for i in range(0, len(data.input_ids), batch_size)]
+        order = sorted(range(len(data.input_ids)), key=lambda j: -len(data.input_ids[j]))
+        ids, labels = [data.input_ids[j] for j in order], [data.labels[j] for j in order]
+        return [collate(ids[i:i + batch_size], labels[i:i + batch_size], pad_id=pad_id)
+                for i in range(0, len(ids), batch_size)]
     batches = []
     for b in data:
         b = dict(b)
@@ -83,6 +88,23 @@ def calibration_batches(data, *, pad_id: int, batch_size: int = 8) -> list[dict]
         b.setdefault("labels", b["input_ids"].masked_fill(b["attention_mask"] == 0, IGNORE))
         batches.append(b)
     return batches
+
+
+def first_tokens(data, budget: int):
+    """The leading examples of `data` (TokenizedData or batches) holding about `budget` real tokens (at least
+    one example): the per-layer perplexities cost L²/2 layer passes per token, so they get a budget."""
+    if isinstance(data, TokenizedData):
+        n, seen = 0, 0
+        while n < len(data.input_ids) and (n == 0 or seen < budget):
+            seen, n = seen + len(data.input_ids[n]), n + 1
+        return dataclasses.replace(data, ids=data.ids[:n], input_ids=data.input_ids[:n], labels=data.labels[:n])
+    out, seen = [], 0
+    for b in data:
+        if out and seen >= budget:
+            break
+        out.append(b)
+        seen += int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum())
+    return out
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -100,25 +122,25 @@ def _hidden_norms(model) -> list[torch.nn.Module]:
 # ---------------------------------------------------------------- activation scores
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _activation_scores(model, batches: list[dict]) -> dict:
     layers, cfg = _decoder_layers(model), model.config
     L, H = len(layers), cfg.hidden_size
     Hq = cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or H // Hq
     dev = next(model.parameters()).device
     acc = {"heads": torch.zeros(L, Hq, dtype=torch.float64), "mlp": [None] * L,
-           "hidden": torch.zeros(H, dtype=torch.float64), "cos": torch.zeros(L, dtype=torch.float64), "tokens": 0}
+           "hidden": torch.zeros(H, dtype=torch.float64), "cos": torch.zeros(L, dtype=torch.float64), "tokens": 0,
+           "nll": 0.0, "targets": 0}
     state = {}  # the current batch's token mask (B, T), read by the hooks
 
     def head_hook(i, o_proj):
         def hook(module, args):
-            x = args[0]  # (B, T, Hq·d)
-            heads = x.view(*x.shape[:-1], Hq, -1)  # (B, T, Hq, d)
-            w = o_proj.weight.view(o_proj.weight.shape[0], Hq, -1)  # (H, Hq, d)
-            mask = state["mask"]
-            for h in range(Hq):  # one head at a time: (B, T, H) instead of (B, T, Hq, H)
-                contrib = heads[..., h, :] @ w[:, h, :].T  # (B, T, H)
-                acc["heads"][i, h] += contrib.norm(dim=-1)[mask].double().sum().cpu()
+            heads = args[0][state["mask"]].view(-1, Hq, d).float()  # (N, Hq, d), real tokens only
+            w = o_proj.weight.float().view(-1, Hq, d)  # (H, Hq, d)
+            gram = torch.einsum("ohd,ohe->hde", w, w)  # (Hq, d, d): ‖W_h x‖² = xᵀ (W_hᵀ W_h) x, d² not H·d per token
+            sq = (torch.einsum("nhd,hde->nhe", heads, gram) * heads).sum(-1)  # (N, Hq)
+            acc["heads"][i] += sq.clamp_min(0).sqrt().double().sum(0).cpu()
         return hook
 
     def mlp_hook(i):
@@ -148,64 +170,95 @@ def _activation_scores(model, batches: list[dict]) -> dict:
         for b in batches:
             state["mask"] = b["attention_mask"].to(dev).bool()
             acc["tokens"] += int(state["mask"].sum())
-            model.get_decoder()(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
-                                use_cache=False)
+            out = model.get_decoder()(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev),
+                                      use_cache=False)
+            acc["nll"] += _nll(model, out.last_hidden_state, b["labels"].to(dev))  # base ppl from the same pass
+            acc["targets"] += int(supervised_positions(b["labels"])[0].sum())
     finally:
         for h in handles:
             h.remove()
     n = max(acc["tokens"], 1)
     return {"heads": (acc["heads"] / n).tolist(), "mlp": [(m / n).tolist() for m in acc["mlp"]],
-            "hidden": (acc["hidden"] / n).tolist(), "cos": (acc["cos"] / n).tolist(), "tokens": acc["tokens"]}
+            "hidden": (acc["hidden"] / n).tolist(), "cos": (acc["cos"] / n).tolist(), "tokens": acc["tokens"],
+            "ppl": math.exp(acc["nll"] / max(acc["targets"], 1))}
 
 
 # ---------------------------------------------------------------- layer removal
 
 
-@torch.no_grad()
-def _perplexity(model, batches: list[dict]) -> float:
-    dev = next(model.parameters()).device
-    total, count = 0.0, 0
+def _record_layers(model, batch: dict) -> tuple[list, torch.Tensor]:
+    """One forward of the decoder; returns every layer's call (input hidden (B, T, H), other args, kwargs:
+    masks, rotary embeddings…) and the final normed hidden states (B, T, H)."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        calls.append((x, args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in _decoder_layers(model)]
+    try:
+        out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, out.last_hidden_state
+
+
+def _nll(model, hidden: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed next-token NLL of the supervised positions, from final normed hidden states (B, T, H)."""
+    mask, targets = supervised_positions(labels)  # (B, T-1), (N,)
+    logits = project(model, hidden[:, :-1][mask])  # (N, V)
+    return float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+
+
+def _skipped_hidden(model, calls: list, i: int) -> torch.Tensor:
+    """Last block output (B, T, H) with block i skipped: block i+1 gets block i's input, the blocks before are not recomputed."""
+    layers, h = _decoder_layers(model), calls[i][0]
+    for j in range(i + 1, len(layers)):
+        _, args, kwargs = calls[j]
+        out = layers[j](h, *args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out  # (B, T, H)
+    return h
+
+
+@torch.inference_mode()
+def layer_ppl_increase(model, batches: list[dict]) -> tuple[float, list[float]]:
+    """(base perplexity, perplexity increase with each block skipped in turn, its output replaced by its
+    input). One recorded forward per batch; skipping block i reruns only blocks i+1 … L-1 from the recorded
+    input of block i (L²/2 block passes, not L²)."""
+    dev, L = next(model.parameters()).device, len(_decoder_layers(model))
+    norm = model.get_decoder().norm
+    base, skipped, count = 0.0, [0.0] * L, 0
     for b in batches:
         b = {k: v.to(dev) for k, v in b.items()}
-        logits, targets = supervised_logits(model, b)  # (N, V), (N,)
-        total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
-        count += targets.numel()
-    return math.exp(total / max(count, 1))
+        calls, final = _record_layers(model, b)
+        base += _nll(model, final, b["labels"])
+        for i in range(L):
+            skipped[i] += _nll(model, norm(_skipped_hidden(model, calls, i)), b["labels"])
+        count += int(supervised_positions(b["labels"])[0].sum())
+    ppl = lambda nll: math.exp(nll / max(count, 1))  # noqa: E731
+    return ppl(base), [ppl(s) - ppl(base) for s in skipped]
 
 
-def _skip(module, args, kwargs, output):
-    """Forward hook: the block passes its input through unchanged."""
-    x_in = args[0] if args else kwargs["hidden_states"]
-    return (x_in, *output[1:]) if isinstance(output, tuple) else x_in
-
-
-@torch.no_grad()
-def layer_ppl_increase(model, batches: list[dict]) -> tuple[float, list[float]]:
-    """(base perplexity, perplexity increase with each block skipped in turn)."""
-    base = _perplexity(model, batches)
-    out = []
-    for layer in _decoder_layers(model):
-        handle = layer.register_forward_hook(_skip, with_kwargs=True)
-        try:
-            out.append(_perplexity(model, batches) - base)
-        finally:
-            handle.remove()
-    return base, out
-
-
-def compute_importance(model, data, *, pad_id: int, batch_size: int = 8, layer_ppl: bool = True) -> Importance:
+def compute_importance(model, data, *, pad_id: int, batch_size: int = 8, layer_ppl: bool = True,
+                       ppl_tokens: int | None = None) -> Importance:
     """Every score on calibration data (TokenizedData or a list of batches); the model is not changed.
-    layer_ppl=False skips the L extra forward passes of the perplexity scores (ppl_increase is then [])."""
+    One forward pass gives the activation scores and base_ppl on every example; layer_ppl=False skips the
+    per-layer perplexities (ppl_increase is then []); ppl_tokens: computes those on the leading examples
+    holding about that many tokens (None: all), as increases over the perplexity of the same examples."""
     was_training = model.training
     model.eval()
     try:
-        batches = calibration_batches(data, pad_id=pad_id, batch_size=batch_size)
-        act = _activation_scores(model, batches)
-        base, increase = layer_ppl_increase(model, batches) if layer_ppl else (_perplexity(model, batches), [])
+        act = _activation_scores(model, calibration_batches(data, pad_id=pad_id, batch_size=batch_size))
+        increase = []
+        if layer_ppl:
+            few = first_tokens(data, ppl_tokens) if ppl_tokens else data
+            increase = layer_ppl_increase(model, calibration_batches(few, pad_id=pad_id, batch_size=batch_size))[1]
     finally:
         model.train(was_training)
     return Importance(heads=act["heads"], mlp=act["mlp"], hidden=act["hidden"], cosine_distance=act["cos"],
-                      ppl_increase=increase, base_ppl=base, num_key_value_heads=model.config.num_key_value_heads,
+                      ppl_increase=increase, base_ppl=act["ppl"], num_key_value_heads=model.config.num_key_value_heads,
                       tokens=act["tokens"])
 
 

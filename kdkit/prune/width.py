@@ -23,11 +23,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdkit.errors import UserError
-from kdkit.models.load import count_parameters
 
+from kdkit.prune.dims import check_dims, default_kv_heads, head_dim, new_config, param_count, solve_width
 from kdkit.prune.importance import Importance
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+__all__ = ["SUPPORTED", "default_kv_heads", "head_dim", "param_count", "prune_width", "solve_width"]
 
 
 def check_supported(model) -> None:
@@ -36,25 +37,9 @@ def check_supported(model) -> None:
                         "use prune.method=depth")
 
 
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def _top(scores, k: int) -> torch.Tensor:
     """Indices of the k highest scores, in their original order."""
     return torch.tensor(scores).topk(k).indices.sort().values
-
-
-def default_kv_heads(num_heads: int, heads: int, kv_heads: int) -> int:
-    """Keep every KV group when num_heads splits evenly among them, else drop whole groups."""
-    g = heads // kv_heads
-    if num_heads % kv_heads == 0:
-        return kv_heads
-    if num_heads % g == 0:
-        return num_heads // g
-    raise UserError(f"prune.num_heads={num_heads} fits the model's GQA ({heads} query heads in {kv_heads} groups "
-                    f"of {g}) neither as a multiple of {kv_heads} (heads dropped within groups) nor of {g} "
-                    "(whole groups dropped)")
 
 
 def keep_heads(scores: list[float], *, kv_heads: int, num_heads: int, num_kv_heads: int) -> tuple[list, list]:
@@ -75,25 +60,6 @@ def _rows(units: list[int], size: int) -> torch.Tensor:
     return (torch.tensor(units)[:, None] * size + torch.arange(size)).flatten()
 
 
-def _new_config(model, **dims):
-    cfg = model.config.__class__.from_dict(model.config.to_dict())
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    cfg.head_dim = head_dim(model.config)  # fixed: no longer hidden_size // num_heads
-    for key, value in dims.items():
-        setattr(cfg, key, value)
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
-    return cfg
-
-
-def param_count(model, **dims) -> int:
-    """Parameters of the model's architecture with some config fields changed (built on the meta device)."""
-    cfg = _new_config(model, **dims)
-    with torch.device("meta"):
-        return count_parameters(AutoModelForCausalLM.from_config(cfg))
-
-
 def prune_width(model, imp: Importance, *, num_heads: int | None = None, num_kv_heads: int | None = None,
                 intermediate_size: int | None = None, hidden_size: int | None = None):
     """A new model keeping the most important heads, neurons and channels (None: keep all of that kind)."""
@@ -108,35 +74,65 @@ def prune_width(model, imp: Importance, *, num_heads: int | None = None, num_kv_
                         f"hidden {H}/{c.hidden_size}")
     if len(imp.heads) != c.num_hidden_layers:
         raise ValueError(f"importance covers {len(imp.heads)} layers, the model has {c.num_hidden_layers}")
-    hid = _top(imp.hidden, H)
+    dims = {"num_attention_heads": nq, "num_key_value_heads": nkv, "intermediate_size": I, "hidden_size": H}
+    check_dims(c, **dims)
     plan = []
     for i in range(c.num_hidden_layers):
         q, kv = keep_heads(imp.heads[i], kv_heads=K, num_heads=nq, num_kv_heads=nkv)
         plan.append({"q": _rows(q, d), "kv": _rows(kv, d), "mlp": _top(imp.mlp[i], I)})
-    cfg = _new_config(model, num_attention_heads=nq, num_key_value_heads=nkv, intermediate_size=I, hidden_size=H)
-    if c.model_type != "qwen3":  # qwen3's per-head q/k norms share this eps, and their width is unchanged
+    cfg = new_config(c, **dims)
+    if not _has_head_norms(model):  # qwen3/gemma3's per-head q/k norms share this eps; their width is unchanged
         cfg.rms_norm_eps = c.rms_norm_eps * c.hidden_size / H  # with the sqrt(H/H') weights: the same function
     new = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
-    scale = math.sqrt(c.hidden_size / H)
-    state = {k: _slice(k, v, plan, hid, scale) for k, v in model.state_dict().items()}
+    ctx = _context(model, plan, hid=_top(imp.hidden, H), H=H)
+    state = {k: _slice(k, v, ctx) for k, v in model.state_dict().items()}
     missing, unexpected = new.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:  # a tied head is not in the state dict
         raise RuntimeError(f"width pruning mismatch: missing {missing}, unexpected {unexpected}")
     return new
 
 
-def _slice(name: str, t: torch.Tensor, plan: list[dict], hid: torch.Tensor, scale: float) -> torch.Tensor:
+def _has_head_norms(model) -> bool:
+    return any(name.endswith(("q_norm", "k_norm")) for name, _ in model.named_modules())
+
+
+@torch.no_grad()
+def _norm_offset(model) -> float:
+    """1 where RMSNorm multiplies by (1 + weight) (Gemma), 0 where by weight: probed on an all-ones row."""
+    norm = model.get_decoder().norm
+    out = norm(torch.ones(1, norm.weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device))[0]
+    return float(torch.allclose(out, (1 + norm.weight) * out.new_tensor(1 / math.sqrt(1 + _eps(norm)))))
+
+
+def _eps(norm) -> float:
+    return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+
+
+def _context(model, plan: list[dict], *, hid: torch.Tensor, H: int) -> dict:
+    """What _slice needs. RMSNorm over H' channels divides by an RMS sqrt(H/H') larger (dropped channels ≈ 0):
+    every hidden-size norm gain is scaled by that. A Gemma embedding multiplies by sqrt(hidden_size), so its
+    rows are scaled by sqrt(H/H') to give the same vectors; a tied head then reads them scaled, which the
+    final norm's gain undoes."""
+    scale = math.sqrt(model.config.hidden_size / H)
+    emb = scale if getattr(model.get_input_embeddings(), "embed_scale", None) is not None else 1.0
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return {"plan": plan, "hid": hid, "scale": scale, "embed": emb, "head": emb if tied else 1.0,
+            "final": scale / (emb if tied else 1.0), "offset": _norm_offset(model)}
+
+
+def _slice(name: str, t: torch.Tensor, ctx: dict) -> torch.Tensor:
     """The kept part of one weight, chosen by its name."""
     parts = name.split(".")
     kind, leaf = parts[-2], parts[-1]
-    p = plan[int(parts[parts.index("layers") + 1])] if "layers" in parts else None
-    hid = hid.to(t.device)
-    if kind in ("embed_tokens", "lm_head"):
-        return t[:, hid].clone()  # (V, H')
-    if kind in ("q_norm", "k_norm"):  # per-head norms (qwen3): head_dim is unchanged
+    p = ctx["plan"][int(parts[parts.index("layers") + 1])] if "layers" in parts else None
+    hid = ctx["hid"].to(t.device)
+    if kind in ("embed_tokens", "lm_head"):  # (V, H) → (V, H')
+        return (t[:, hid] * ctx["embed" if kind == "embed_tokens" else "head"]).clone()
+    if kind in ("q_norm", "k_norm"):  # per-head norms (qwen3, gemma3): head_dim is unchanged
         return t.clone()
-    if kind.endswith("norm"):  # input_layernorm, post_attention_layernorm, final norm: (H,) → (H',)
-        return (t[hid] * scale).clone()
+    if kind.endswith("norm"):  # every hidden-size norm: (H,) → (H',), gain = offset + weight
+        s, off = ctx["scale" if p is not None else "final"], ctx["offset"]
+        return ((t[hid] + off) * s - off).clone()
     rows = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "gate_proj": "mlp", "up_proj": "mlp"}
     if kind in rows:  # (out, H) → (out', H')
         r = p[rows[kind]].to(t.device)
@@ -146,41 +142,3 @@ def _slice(name: str, t: torch.Tensor, plan: list[dict], hid: torch.Tensor, scal
         c = p[cols[kind]].to(t.device)
         return (t[hid][:, c] if leaf == "weight" else t[hid]).clone()
     raise UserError(f"width pruning does not know the weight {name!r} (supported: {', '.join(SUPPORTED)})")
-
-
-def _round(x: float, step: int) -> int:
-    return max(step, step * round(x / step))
-
-
-def solve_width(model, target: int, *, round_to: int = 8, num_heads: int | None = None,
-                num_kv_heads: int | None = None, intermediate_size: int | None = None,
-                hidden_size: int | None = None) -> dict:
-    """Width dims whose parameter count comes closest to `target`: the given dims are kept, the free ones
-    among (intermediate_size, hidden_size) shrink by one common ratio, in steps of `round_to`.
-    Minitron found MLP and embedding width the best axes to prune; heads shrink only when set."""
-    c = model.config
-    fixed = {"num_attention_heads": num_heads or c.num_attention_heads}
-    fixed["num_key_value_heads"] = num_kv_heads or (
-        c.num_key_value_heads if fixed["num_attention_heads"] == c.num_attention_heads
-        else default_kv_heads(fixed["num_attention_heads"], c.num_attention_heads, c.num_key_value_heads))
-    free = {k: getattr(c, k) for k, v in (("intermediate_size", intermediate_size), ("hidden_size", hidden_size))
-            if v is None}
-    fixed.update({k: v for k, v in (("intermediate_size", intermediate_size), ("hidden_size", hidden_size)) if v})
-    if not free:
-        return fixed
-    axis = "hidden_size" if "hidden_size" in free else "intermediate_size"
-    steps = list(range(round_to, free[axis] + 1, round_to)) or [free[axis]]
-
-    def dims(k: int) -> dict:  # the k-th candidate: the main axis at steps[k], the other at the same ratio
-        r = steps[k] / free[axis]
-        return {**fixed, **{name: min(size, _round(r * size, round_to)) for name, size in free.items()}}
-
-    lo, hi = 0, len(steps) - 1  # counts grow with k: bisect for the last candidate at or below the target
-    if param_count(model, **dims(lo)) > target:
-        raise UserError(f"prune.target_params={target:,} is below the smallest width-pruned model "
-                        f"({param_count(model, **dims(lo)):,} parameters); prune depth too (method: both)")
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if param_count(model, **dims(mid)) <= target else (lo, mid - 1)
-    options = [dims(k) for k in {lo, min(lo + 1, len(steps) - 1)}]
-    return min(options, key=lambda o: abs(param_count(model, **o) - target))

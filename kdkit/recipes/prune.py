@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
 
 from kdkit.config import Config, save_config
 from kdkit.errors import UserError
-from kdkit.prune import compute_importance, plot_layer_importance, prune_model
+from kdkit.prune import compute_importance, plan_prune, plot_layer_importance, prune_model
 from kdkit.train.loop import pick_device
 from kdkit.train.setup import load_teacher, save_student, tokenize_file
 
@@ -64,12 +65,17 @@ def run(cfg: Config, *, teacher=None) -> dict:
     data = tokenize_file(pc.calibration or cfg.data.train, tok, cfg, key="prune.calibration")
     data.input_ids, data.labels = data.input_ids[: pc.calibration_samples], data.labels[: pc.calibration_samples]
 
-    # ---- importance, then pruning
+    # ---- the dims first (a size the architecture rejects fails here), then importance, then pruning
     model = teacher.model.to(pick_device(cfg.train.device))
-    # the per-layer perplexity scores cost one pass per layer: only when depth pruning ranks by them
-    layer_ppl = pc.method in ("depth", "both") and pc.layer_metric == "ppl"
-    imp = compute_importance(model, data, pad_id=tok.pad_token_id, batch_size=pc.batch_size, layer_ppl=layer_ppl)
-    pruned, summary = prune_model(model, imp, pc)
+    plan = plan_prune(model, pc)
+    # the per-layer perplexity scores cost ~L/2 passes per token: only when depth pruning ranks by them
+    layer_ppl = plan["num_layers"] is not None and pc.layer_metric == "ppl"
+    t0 = time.perf_counter()
+    imp = compute_importance(model, data, pad_id=tok.pad_token_id, batch_size=pc.batch_size, layer_ppl=layer_ppl,
+                             ppl_tokens=pc.ppl_tokens)
+    seconds = time.perf_counter() - t0
+    pruned, summary = prune_model(model, imp, pc, plan)
+    summary["importance_seconds"] = round(seconds, 1)
     log.info("pruned %s: %s", pc.method, summary)
 
     # ---- save
