@@ -347,3 +347,49 @@ def test_bf16_step_holds_the_teacher_in_bf16_and_runs_the_fused_head_in_bf16(tin
     seen.clear()
     loop.train_step(student, batches, fn, cfg, vocab=vocab, device=torch.device("cpu"), precision="fp32")
     assert seen[0][1]["matmul_dtype"] is None  # fp32: the inputs' own dtype, as before
+
+
+def test_default_chunks_have_a_row_floor_where_memory_allows_and_split_evenly():
+    from kdkit.losses.fused_chunk import step_rows
+
+    assert auto_chunk_size(151936, free_bytes=2**40) == 512  # the default budget alone: 104 rows
+    assert auto_chunk_size(151936, free_bytes=300 * 151936 * 4 * 8 * 4) == 296  # what a quarter of it holds
+    assert auto_chunk_size(151936, free_bytes=0) == 104  # never below the budget's rows
+    assert auto_chunk_size(151936, memory_budget_bytes=DEFAULT_MEMORY_BUDGET, free_bytes=2**40) == 104  # explicit: kept
+    assert step_rows(739, 512, False) == 376 and step_rows(1024, 104, False) == 104 and step_rows(5, 336, False) == 5
+    p = make_problem()
+    keep = p["labels"] != -100
+    q = {k: (v[keep] if k in ("hidden", "t_hidden", "labels") else v) for k, v in p.items()}
+    assert_parity(fused(q, chunk_size=7, all_supervised=True), fused(q, chunk_size=7))
+
+
+def test_train_step_reads_its_metrics_once_and_only_when_asked(tiny_config, monkeypatch):
+    from kdkit.config import load_config
+    from kdkit.data.render import tokenize_examples
+    from kdkit.data.sources import load_examples
+    from kdkit.teacher.online import online_signal_fn
+    from kdkit.train import loop
+    from kdkit.train.optim import build_optimizer
+    from kdkit.train.setup import build_student, load_teacher
+
+    cfg = load_config(tiny_config)
+    teacher = load_teacher(cfg)
+    student = build_student(cfg, teacher)[0]
+    vocab = len(teacher.tokenizer)
+    fn = online_signal_fn(teacher.model, vocab=vocab, provenance=teacher.provenance(), lazy=True)
+    data = tokenize_examples(load_examples(cfg.data.train), teacher.tokenizer, max_length=64)
+    batches = loop.micro_batches(data, 0, batch_size=4, grad_accum=2, seed=0, pad_id=0)
+    cpu = torch.device("cpu")
+    full = loop.train_step(student, batches, fn, cfg, vocab=vocab, device=cpu, precision="fp32")
+    student.zero_grad()
+    lazy = loop.train_step(student, batches, fn, cfg, vocab=vocab, device=cpu, precision="fp32", metrics=False,
+                           settle=False)
+    assert lazy["kl"] is None and lazy["top1"] is None and torch.is_tensor(lazy["loss"])
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real(t))
+    opt, sched = build_optimizer(student, cfg.train)
+    assert loop.optimizer_step(student, opt, sched, lazy, cfg.train, step=1, ids=[])
+    assert len(reads) == 1  # loss, kd, ce and the gradient norm in one read
+    assert lazy["loss"] == pytest.approx(full["loss"], rel=1e-6) and math.isfinite(lazy["grad_norm"])
+    assert full["kl"] >= 0 and 0 <= full["top1"] <= 1

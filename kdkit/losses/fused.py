@@ -21,6 +21,7 @@ inductor into one loop nest with `compiled=True` (the fast path for training).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,18 +39,40 @@ from .reduce import normalize
 # (c, H) @ (H, V) re-reads the whole head each chunk; on CPU it ran ~1.5x slower per row at 168 rows
 # than at >= 512 (benchmarks/fused_loss.py), so chunks should not be smaller than memory requires.
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
+# ... and with the default budget a chunk has at least this many rows where the device's free memory
+# holds their temporaries four times over: at V = 151,936 the budget alone gives 104-row chunks, which
+# re-read the (V, H) head and the fp32 (V, H) grad_W accumulator every hundred rows.
+MIN_CHUNK_ROWS = 512
 # fp32 (c, V) tensors alive at once in an eager chunk step (logits of both, log-probs of both, p,
 # the log ratio, autograd's buffers, the gradient): an upper estimate; the compiled step keeps ~4.
 _TEMPORARIES = 8
 
 
-def auto_chunk_size(vocab: int, *, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> int:
+def auto_chunk_size(vocab: int, *, memory_budget_bytes: int | None = None, free_bytes: int | None = None) -> int:
     """Rows per chunk such that ~`_TEMPORARIES` fp32 (c, V) tensors fit `memory_budget_bytes`.
 
-    Rounded down to a multiple of 8 (matmul kernels prefer it) when that leaves at least 8 rows.
+    None: the default budget, raised to `MIN_CHUNK_ROWS` rows where a quarter of `free_bytes` (the
+    device's free memory) holds them; an explicit budget is kept as given. Rounded down to a multiple
+    of 8 (matmul kernels prefer it) when that leaves at least 8 rows.
     """
-    rows = max(1, int(memory_budget_bytes) // (vocab * 4 * _TEMPORARIES))
+    per_row = vocab * 4 * _TEMPORARIES  # bytes of one row's temporaries
+    rows = max(1, int(memory_budget_bytes or DEFAULT_MEMORY_BUDGET) // per_row)
+    if memory_budget_bytes is None and rows < MIN_CHUNK_ROWS and free_bytes is not None:
+        rows = max(rows, min(MIN_CHUNK_ROWS, free_bytes // 4 // per_row))
     return rows - rows % 8 if rows >= 8 else rows
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device could still give (CUDA: free + cached by torch; CPU: available RAM); None: unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
 
 
 @dataclass
@@ -120,30 +143,32 @@ class _Grads:
         if self.bias is not None:
             self.bias[: self.vocab].add_(g.sum(dim=0))  # (V,)
 
-    def finish(self, scale: Tensor, like: tuple) -> tuple:
-        """Scaled gradients in the inputs' dtypes."""
+    def finish(self) -> tuple:
+        """The gradients of the un-normalised sums (fp32); the loss's backward scales them."""
         if self.weight is not None and not self.written:  # no supervised row: zero gradient
             self.weight.zero_()
-        out = []
-        for grad, ref in zip((self.hidden, self.weight, self.bias), like):
-            out.append(None if grad is None else grad.mul_(scale).to(ref.dtype))
-        return tuple(out)
+        return self.hidden, self.weight, self.bias
 
 
 class _FusedDistill(torch.autograd.Function):
     """(total, kd, ce) of the chunked objective; gradients w.r.t. student hidden, weight, bias."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_weight, student, teacher, count, spec, chunk_size, compiled):
+    def forward(ctx, hidden, weight, bias, labels, token_weight, student, teacher, count, spec, chunk_size, compiled,
+                all_supervised):
         # teacher: a `_Head`, `DenseTeacher` or `SparseTeacher`; `.chunk(rows)` gives its chunk tuple
-        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) supervised rows only cost FLOPs
+        if all_supervised:  # the caller passes supervised rows only: no nonzero() (a host sync on a device)
+            rows, n = None, labels.numel()
+        else:
+            rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (n,) supervised rows only cost FLOPs
+            n = rows.numel()
         want = ctx.needs_input_grad[:3] if spec.need_grad else (False, False, False)
         grads = _Grads.allocate(want, hidden, weight, bias, student.weight.shape[0])
         sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)  # Σ kd, Σ ce, Σ KL₁, #top-1
-        all_rows = rows.numel() == labels.numel()
-        chunk_size = step_rows(rows.numel(), chunk_size, compiled)
+        all_rows = n == labels.numel()
+        chunk_size = step_rows(n, chunk_size, compiled)
         step = padded_step(chunk_size) if compiled else chunk_grad
-        for start in range(0, rows.numel(), chunk_size):
+        for start in range(0, n, chunk_size):
             # Contiguous slices when nothing is masked (views, no gather); else an index gather.
             idx = slice(start, start + chunk_size) if all_rows else rows[start : start + chunk_size]
             h, z_s = student.logits(idx, chunk_size)  # (c, H), (c, V)
@@ -153,7 +178,9 @@ class _FusedDistill(torch.autograd.Function):
             if g is not None:
                 grads.add_chunk(g, h, idx, student)
         scale = normalize(torch.ones((), dtype=torch.float32, device=hidden.device), count)  # 1 / count
-        ctx.save_for_backward(*grads.finish(scale, (hidden, weight, bias)))
+        # Scaled in backward, by 1/count and the incoming gradient at once: one pass over (V, H), and no
+        # host-side look at the incoming gradient. Held on ctx (fresh tensors, no cycle); freed there.
+        ctx.grads, ctx.scale, ctx.like = grads.finish(), scale, tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
         kd, ce, kl = (sums[:3] * scale).unbind()  # normalised like the loss; #top-1 stays a count
         agree = sums[3].clone()
         ctx.mark_non_differentiable(kd, ce, kl, agree)
@@ -161,10 +188,12 @@ class _FusedDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *_grad_reported):
-        saved = ctx.saved_tensors
-        if not torch.equal(grad_total, torch.ones_like(grad_total)):  # loss.backward(): skip a (V, H) pass
-            saved = tuple(None if g is None else g * grad_total.to(g.dtype) for g in saved)
-        return (*saved, None, None, None, None, None, None, None, None)
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss's backward ran twice; its gradients are formed once, in its forward")
+        factor = ctx.scale * grad_total.to(torch.float32)  # ()
+        grads = tuple(None if g is None else g.mul_(factor).to(dtype) for g, dtype in zip(ctx.grads, ctx.like))
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _total(kd: Tensor, ce: Tensor, spec: Spec) -> Tensor:
@@ -233,12 +262,13 @@ def fused_distill_loss(
     alpha: float = 1.0,
     num_tokens: int | Tensor | None = None,
     chunk_size: int | None = None,
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget_bytes: int | None = None,
     vocab: int | None = None,
     matmul_dtype: torch.dtype | None = None,
     compiled: bool = False,
     metrics: bool = False,
     capture_temperature: float | None = None,
+    all_supervised: bool = False,
     **divergence_kwargs,
 ) -> LossParts:
     """`distill_loss` on logits = hidden (N, H) @ weight[:vocab]ᵀ (+ bias), chunk by chunk over rows.
@@ -250,7 +280,9 @@ def fused_distill_loss(
     `labels` (N,) use -100 for unsupervised rows, which are skipped entirely. `num_tokens` is the
     global supervised count of the optimizer step (gradient accumulation, several ranks); default:
     this batch's count. `vocab` keeps the first `vocab` logits only (padded heads). `chunk_size`
-    rows per chunk (default: from `memory_budget_bytes`). `matmul_dtype` (e.g. torch.bfloat16) runs
+    rows per chunk (default: from `memory_budget_bytes`; None: `auto_chunk_size`'s default budget with
+    its row floor). `all_supervised=True`: the caller vouches that no label is -100 (the training loop
+    passes the supervised rows only), which skips finding them (a host sync on a device). `matmul_dtype` (e.g. torch.bfloat16) runs
     the four products in that dtype (its GEMMs accumulate in fp32); softmaxes and sums are always
     fp32; default: the inputs' dtype. `compiled=True` runs each chunk's divergence and its gradient
     through torch.compile (fused element-wise loops: ~3x faster per chunk; the first call compiles
@@ -293,11 +325,13 @@ def fused_distill_loss(
         None if student_bias is None else student_bias.detach()[:vocab].to(mm_dtype),
     )
     count = (labels != IGNORE_INDEX).sum() if num_tokens is None else num_tokens
-    chunk = chunk_size or auto_chunk_size(vocab, memory_budget_bytes=memory_budget_bytes)
+    free = free_memory(student_hidden.device) if chunk_size is None and memory_budget_bytes is None else None
+    chunk = chunk_size or auto_chunk_size(vocab, memory_budget_bytes=memory_budget_bytes, free_bytes=free)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
     token_weight = getattr(given, "weight", None)  # (N,) a signal's per-token KD weight, or None
     if token_weight is not None:
         token_weight = token_weight.detach().to(device=student_hidden.device, dtype=torch.float32)
-    total, kd, ce, kl, top1 = _apply(*inputs, labels, token_weight, student, teacher, count, spec, chunk, compiled)
+    total, kd, ce, kl, top1 = _apply(*inputs, labels, token_weight, student, teacher, count, spec, chunk, compiled,
+                                     all_supervised)
     return LossParts(total=total, kd=kd, ce=ce, kl=kl if metrics else None, top1=top1 if metrics else None)

@@ -192,7 +192,15 @@ def padded_step(rows: int):
 
 
 def step_rows(n: int, chunk_size: int, compiled: bool) -> int:
-    """Rows per chunk: at most `chunk_size`; compiled, a power of two for small n (few kernel shapes)."""
+    """Rows per chunk: at most `chunk_size`; compiled, a power of two for small n (few kernel shapes).
+
+    Eager, the n rows are split evenly over the chunks `chunk_size` needs (a multiple of 8 where
+    that stays within it): 739 rows at 512 run as 376 + 363, not 512 + 227; a last sliver of a chunk
+    re-reads the whole head for a few rows."""
     if not compiled:
-        return max(1, min(chunk_size, n))
+        size = max(1, min(chunk_size, n))
+        chunks = -(-n // size)
+        even = -(-n // chunks) if n else size  # ceil(n / chunks) <= size
+        rounded = -(-even // 8) * 8
+        return rounded if rounded <= size else even
     return min(chunk_size, 1 << max(0, n - 1).bit_length())

@@ -36,9 +36,55 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mask, targets[mask]
 
 
+HOST_PLAN = "host_plan"  # the batch key of `host_plan`'s result
+
+
+def host_plan(batch: dict) -> dict:
+    """What the step needs to know about a batch, computed on the host from its CPU tensors before they
+    move to the device (read from a device tensor, each would make the host wait for the device):
+
+    - `index` (N,) int64: the supervised positions as rows of the flattened (B·T, H) hidden states,
+      in `supervised_positions` order; `targets` (N,): their next-token labels
+    - `count`: N; `tokens`: the batch's non-pad tokens
+    - `causal`: every row is right-padded (ones, then zeros), so a plain causal forward (no mask)
+      gives every real position exactly what the padded mask gives it (pads come after them)
+    """
+    labels, attn = batch["labels"], batch["attention_mask"]
+    mask, targets = supervised_positions(labels)  # (B, T-1), (N,)
+    b, t = mask.nonzero(as_tuple=True)  # (N,) each, row-major: the order of hidden[:, :-1][mask]
+    right_padded = bool((attn.cumprod(dim=1) == attn).all())  # (B, T): no 1 after a 0
+    return {"index": b * labels.shape[1] + t, "targets": targets, "count": int(targets.numel()),
+            "tokens": int(attn.sum()), "causal": right_padded}
+
+
+def with_host_plan(batch: dict) -> dict:
+    """The batch with its `host_plan` (kept when already there)."""
+    if HOST_PLAN in batch:
+        return batch
+    return {**batch, HOST_PLAN: host_plan(batch)}
+
+
+def decoder_mask(batch: dict):
+    """The attention mask to hand the decoder: None where the host plan says the batch is right-padded
+    (a plain causal forward: the same values at every real position, SDPA's causal kernel, and no
+    host-side check of the mask inside transformers), else the batch's mask."""
+    plan = batch.get(HOST_PLAN)
+    return None if plan is not None and plan["causal"] else batch["attention_mask"]
+
+
+def supervised_rows(hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (B, T, H) at the batch's supervised positions (N, H) and their targets (N,): by the host
+    plan's index when the batch has one (an index_select: no host sync), else by the boolean mask."""
+    plan = batch.get(HOST_PLAN)
+    if plan is None:
+        mask, targets = supervised_positions(batch["labels"])
+        return hidden[:, :-1][mask], targets  # (N, H), (N,)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B·T, H)
+    return flat.index_select(0, plan["index"].to(hidden.device)), plan["targets"].to(hidden.device)
+
+
 def supervised_logits(model: PreTrainedModel, batch: dict, *, vocab: int | None = None):
     """Logits (N, V) at supervised positions and their targets (N,), never the full (B, T, V)."""
-    hidden = decoder_hidden(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-    mask, targets = supervised_positions(batch["labels"])
-    rows = hidden[:, :-1][mask]  # (N, H)
+    hidden = decoder_hidden(model, batch["input_ids"], decoder_mask(batch))  # (B, T, H)
+    rows, targets = supervised_rows(hidden, batch)  # (N, H), (N,)
     return project(model, rows, vocab=vocab), targets

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from kdkit.models.forward import decoder_hidden, project, supervised_positions
+from kdkit.models.forward import decoder_hidden, decoder_mask, project, supervised_rows
 from kdkit.signal import DenseSignal, HeadSignal, Provenance
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,8 @@ def online_signal_fn(teacher, *, vocab: int, provenance: Provenance, lazy: bool 
     @torch.no_grad()
     def signal_fn(batch: dict) -> DenseSignal | HeadSignal:
         nonlocal reported
-        hidden = decoder_hidden(teacher, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-        mask, _ = supervised_positions(batch["labels"])
-        rows = hidden[:, :-1][mask]  # (N, H)
+        hidden = decoder_hidden(teacher, batch["input_ids"], decoder_mask(batch))  # (B, T, H)
+        rows = supervised_rows(hidden, batch)[0]  # (N, H)
         if lazy and (reported or head.weight.shape[0] <= vocab):
             return HeadSignal(rows, head.weight, head.bias, vocab=vocab, provenance=provenance)
         logits = project(teacher, rows)  # (N, V_teacher)

@@ -195,9 +195,10 @@ def sync_grads(ctx: DistContext, model: torch.nn.Module) -> None:
             offset += g.numel()
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor | float:
     """Clip the gradients to `max_norm` (inf: measure only); returns the global L2 norm before
-    clipping. Under fsdp2 a gradient is either a DTensor shard (its norm reduced over the ranks) or
+    clipping: one process or ddp, a () tensor (not read here: the loop reads it with the step's
+    metrics, one host sync); fsdp2, a float. Under fsdp2 a gradient is either a DTensor shard (its norm reduced over the ranks) or
     a replicated tensor, equal on every rank after `sync_grads` (counted once): torch's
     clip_grad_norm_ refuses such a mix, so the two kinds are measured apart and combined."""
     from torch.distributed.tensor import DTensor
@@ -206,7 +207,7 @@ def clip_grad_norm(params, max_norm: float) -> float:
     grads = [p.grad for p in params]
     sharded = [g for g in grads if isinstance(g, DTensor)]
     if not sharded:  # one process, ddp (replicated, synced)
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     whole = [g for g in grads if not isinstance(g, DTensor)]
     sq = torch.nn.utils.get_total_norm(sharded).full_tensor().double() ** 2  # full_tensor: over every shard
     if whole:

@@ -26,7 +26,7 @@ from kdkit.config import Config
 from kdkit.data.collate import batch_order, collate
 from kdkit.data.render import TokenizedData
 from kdkit.losses import DIVERGENCES, distill_loss, forward_kl, fused_distill_loss, sparse_divergence
-from kdkit.models.forward import decoder_hidden, supervised_logits, supervised_positions
+from kdkit.models.forward import HOST_PLAN, decoder_hidden, decoder_mask, supervised_logits, supervised_rows, with_host_plan
 from kdkit.models.vocab_map import shared_vocab_metrics
 from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
 from kdkit.train import dist as D
@@ -152,32 +152,38 @@ def micro_batches(data: TokenizedData, step: int, *, batch_size: int, grad_accum
 
 
 def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int, device, precision: str,
-               plugins: Plugins | None = None, step: int = 0, dist: D.DistContext | None = None):
+               plugins: Plugins | None = None, step: int = 0, dist: D.DistContext | None = None,
+               metrics: bool = True, settle: bool = True):
     """One optimizer step's forward/backward over its micro-batches; returns summed metrics.
 
     Every micro-batch loss is normalised by the supervised-token count of the WHOLE step (all
     micro-batches of all ranks), so the accumulated gradient, summed over ranks, equals the gradient
     of the full-batch mean (4×2 = 1×8 = 2 ranks × 4). Metrics come back summed over ranks.
+
+    `metrics`: also the progress metrics `kl` and `top1` (a logging step); False: they are None and
+    cost nothing. Sums stay on the device until `settle_metrics` reads them all at once; `settle=False`
+    leaves that to `optimizer_step`, which reads them with the gradient norm: one host sync per step.
     """
     plugins = plugins or Plugins()
     dist = dist or D.DistContext()
+    device = torch.device(device)
     if plugins.prepare is not None:  # before counting: a prepared batch may carry other labels
         batches = [plugins.prepare(b, step) for b in batches]
-    num_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    batches = [with_host_plan(b) for b in batches]  # counts and row indices, on the host
+    num_tokens = sum(b[HOST_PLAN]["count"] for b in batches)
     if dist.active:  # the global count: every rank's loss is its share of one mean
         num_tokens = int(D.all_sum(dist, [num_tokens])[0])
     # kl and top1 are summed over the tokens the metrics cover (`metric_tokens`), then divided by them
-    out = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "kl": 0.0, "top1": 0.0, "tokens": 0, "metric_tokens": 0}
+    out, sums = {"tokens": 0, "metric_tokens": 0}, {}  # host counts; device tensors, summed
     lc = cfg.loss
-    for batch in batches:
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    for batch in [to_device(b, device) for b in batches]:  # all moved before the step's device work
         with autocast(device, precision):
             with torch.no_grad():
                 signal = signal_fn(batch)
             if use_fused(lc, student, signal, vocab=vocab):
-                parts, kl, agree = _fused_micro(student, batch, signal, lc, vocab=vocab, num_tokens=num_tokens,
-                                                matmul_dtype=compute_dtype(device, precision))
-                kl, counted = kl * num_tokens, int((batch["labels"][:, 1:] != -100).sum())  # share → sum
+                parts = _fused_micro(student, batch, signal, lc, vocab=vocab, num_tokens=num_tokens,
+                                     matmul_dtype=compute_dtype(device, precision), metrics=metrics)
+                fused = True
             else:
                 if isinstance(signal, HeadSignal):  # the online teacher's rows + head: its logits, whole
                     signal = signal.dense()
@@ -185,33 +191,74 @@ def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int
                 parts = distill_loss(s_logits, signal, targets, divergence=lc.divergence,
                                      temperature=lc.temperature, alpha=lc.alpha, num_tokens=num_tokens,
                                      **_div_kwargs(lc))
-                kl, agree = None, None
+                fused = False
             total = parts.total
             if plugins.terms:
                 values = {name: term(batch, signal, num_tokens) for name, term in plugins.terms.items()}
                 total, weights = (plugins.combine or plain_sum)(parts.total, values)
                 for name, value in values.items():
-                    out[f"term/{name}"] = out.get(f"term/{name}", 0.0) + float(value.detach())
-                    out[f"weight/{name}"] = float(weights[name])
+                    _add(sums, f"term/{name}", value.detach())
+                    out[f"weight/{name}"] = weights[name].detach() if torch.is_tensor(weights[name]) else weights[name]
         scale = D.grad_scale(dist)
         (total * scale if scale != 1.0 else total).backward()
-        if kl is None:
-            with torch.no_grad():
-                kl, agree, counted = agreement(s_logits.detach(), signal, parts, lc, num_tokens)
-        out["kl"] += kl
-        out["top1"] += agree
-        out["metric_tokens"] += counted
+        if metrics:
+            if fused:  # from the loss's own chunks; its kl is a share of the step's tokens
+                kl, agree, counted = parts.kl * num_tokens, parts.top1, batch[HOST_PLAN]["count"]
+            else:
+                with torch.no_grad():
+                    kl, agree, counted = agreement(s_logits.detach(), signal, parts, lc, num_tokens)
+            _add(sums, "kl", kl)
+            _add(sums, "top1", agree)
+            out["metric_tokens"] += counted
         for name, value in batch.get("log", {}).items():  # what training modes report (kdkit/train/modes.py)
             out[f"mode/{name}"] = out.get(f"mode/{name}", 0.0) + value / len(batches)
-        out["loss"] += float(total.detach())
-        out["kd"] += float(parts.kd)
-        out["ce"] += float(parts.ce)
-        out["tokens"] += int(batch["attention_mask"].sum())
-    out["supervised_tokens"] = num_tokens
+        _add(sums, "loss", total.detach())
+        _add(sums, "kd", parts.kd.detach())
+        _add(sums, "ce", parts.ce.detach())
+        out["tokens"] += batch[HOST_PLAN]["tokens"]
+    out = {"loss": sums.pop("loss"), "kd": sums.pop("kd"), "ce": sums.pop("ce"), "kl": sums.pop("kl", None),
+           "top1": sums.pop("top1", None), **out, **sums, "supervised_tokens": num_tokens}
+    if settle or dist.active:  # ranks: read here, then summed over them (dist.all_sum)
+        settle_metrics(out)
     out = D.reduce_metrics(dist, out)  # sums over ranks, the counts included
     counted = out.pop("metric_tokens")
-    out["kl"] /= max(counted, 1)
-    out["top1"] /= max(counted, 1)
+    if metrics:
+        out["kl"] /= max(counted, 1)
+        out["top1"] /= max(counted, 1)
+    return out
+
+
+def _add(sums: dict, key: str, value) -> None:
+    sums[key] = value if key not in sums else sums[key] + value
+
+
+def settle_metrics(m: dict) -> dict:
+    """Every tensor value of `m` read to a Python float, all in ONE host sync (one stacked .tolist()),
+    in place; returns `m`."""
+    keys = [k for k, v in m.items() if torch.is_tensor(v)]
+    if not keys:
+        return m
+    dev = m[keys[0]].device
+    dtype = torch.float32 if dev.type == "mps" else torch.float64
+    values = torch.stack([m[k].detach().reshape(()).to(device=dev, dtype=dtype) for k in keys]).tolist()
+    m.update(zip(keys, values))
+    return m
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors, and its host plan's, on `device`; to CUDA from pinned memory without blocking
+    (a copy from pageable memory first waits for the device's queue)."""
+
+    def move(v):
+        if not torch.is_tensor(v) or v.device == device:
+            return v
+        if device.type == "cuda" and v.device.type == "cpu":
+            return v.pin_memory().to(device, non_blocking=True)
+        return v.to(device)
+
+    out = {k: move(v) for k, v in batch.items()}
+    if HOST_PLAN in batch:
+        out[HOST_PLAN] = {k: move(v) for k, v in batch[HOST_PLAN].items()}
     return out
 
 
@@ -259,28 +306,28 @@ def _log_once(message: str) -> None:
         log.warning(message)
 
 
-def _fused_micro(student, batch, signal, lc, *, vocab: int, num_tokens: int, matmul_dtype=torch.float32):
+def _fused_micro(student, batch, signal, lc, *, vocab: int, num_tokens: int, matmul_dtype=torch.float32,
+                 metrics: bool = True):
     """The loss from the student's hidden rows and lm_head, chunk by chunk: never (N, V) of the
     student's logits. The progress metrics (KL at T = 1, top-1 agreement count) come from the
-    same chunks (`metrics=True`), as `agreement` gives them on the dense path. `matmul_dtype` bf16:
+    same chunks (`metrics`), as `agreement` gives them on the dense path. `matmul_dtype` bf16:
     the head's forward and both backward products in bf16 (fp32 accumulation), as autocast runs
     the rest of the step; fp32: the inputs' own dtype, unchanged."""
-    hidden = decoder_hidden(student, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-    mask, targets = supervised_positions(batch["labels"])
+    hidden = decoder_hidden(student, batch["input_ids"], decoder_mask(batch))  # (B, T, H)
+    rows, targets = supervised_rows(hidden, batch)  # (N, H), (N,): supervised rows only
     head = student.get_output_embeddings()  # fsdp2: gathered by that forward; its gradient is reduce-scattered
     if type(head.weight) is not torch.nn.Parameter:
         raise RuntimeError(f"fused loss: the student's head weight is a {type(head.weight).__name__} after its forward")
-    parts = fused_distill_loss(hidden[:, :-1][mask], head.weight, targets, teacher_logits=signal,
-                               student_bias=head.bias, divergence=lc.divergence, temperature=lc.temperature,
-                               alpha=lc.alpha, num_tokens=num_tokens, vocab=vocab, metrics=True,
-                               compiled=lc.compile, matmul_dtype=None if matmul_dtype == torch.float32 else matmul_dtype,
-                               **_div_kwargs(lc))
-    return parts, float(parts.kl), float(parts.top1)
+    return fused_distill_loss(rows, head.weight, targets, teacher_logits=signal, student_bias=head.bias,
+                              divergence=lc.divergence, temperature=lc.temperature, alpha=lc.alpha,
+                              num_tokens=num_tokens, vocab=vocab, metrics=metrics, compiled=lc.compile,
+                              matmul_dtype=None if matmul_dtype == torch.float32 else matmul_dtype,
+                              all_supervised=True, **_div_kwargs(lc))
 
 
-def agreement(s_logits, signal, parts, lc, num_tokens: int) -> tuple[float, float, int]:
+def agreement(s_logits, signal, parts, lc, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(this micro-batch's sum of KL(teacher ‖ student) at T = 1, count of top-1 agreements, count of
-    the tokens both cover).
+    the tokens both cover): the two sums as () tensors, read with the step's other metrics.
 
     For a top-k signal the KL is over the k + 1 buckets and the teacher's argmax is its first id. A
     cross-tokenizer signal (`vocab_map`) counts its aligned rows only (weight > 0), its KL and top-1
@@ -289,15 +336,15 @@ def agreement(s_logits, signal, parts, lc, num_tokens: int) -> tuple[float, floa
     if isinstance(signal, DenseSignal) and signal.vocab_map is not None:
         keep = signal.weight > 0 if signal.weight is not None else slice(None)  # (N,) aligned rows
         kl, same = shared_vocab_metrics(s_logits[keep], signal.logits[keep], signal.vocab_map)
-        return float(kl.sum()), float(same.sum()), int(same.numel())
+        return kl.sum(), same.sum().float(), int(same.numel())
     if lc.divergence == "forward_kl" and lc.temperature == 1:
-        kl = float(parts.kd) * num_tokens  # already this quantity, as a share of the step's tokens
+        kl = parts.kd.detach() * num_tokens  # already this quantity, as a share of the step's tokens
     elif isinstance(signal, SparseSignal):
-        kl = float(sparse_divergence("forward_kl", s_logits, signal).sum())
+        kl = sparse_divergence("forward_kl", s_logits, signal).sum()
     else:
-        kl = float(forward_kl(s_logits, signal.logits).sum())
+        kl = forward_kl(s_logits, signal.logits).sum()
     teacher_top = signal.ids[:, 0] if isinstance(signal, SparseSignal) else signal.logits.argmax(-1)
-    return kl, float((s_logits.argmax(-1) == teacher_top).sum()), int(s_logits.shape[0])
+    return kl, (s_logits.argmax(-1) == teacher_top.to(s_logits.device)).sum().float(), int(s_logits.shape[0])
 
 
 def _div_kwargs(lc) -> dict:
@@ -337,6 +384,7 @@ def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str])
     max_norm = tc.max_grad_norm if tc.max_grad_norm else float("inf")
     # FSDP2: sharded (DTensor) and replicated (plugins', per-head norms') gradients in one global norm
     m["grad_norm"], m["lr"] = D.clip_grad_norm(model.parameters(), max_norm), sched.get_last_lr()[0]
+    settle_metrics(m)  # the step's one host sync: its loss, metrics and gradient norm read together
     finite = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     if finite:
         opt.step()
@@ -420,7 +468,7 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
     else:
         torch.manual_seed(tc.seed)
     writer = MetricsWriter(run_dir, start_step=start) if ctx.main else None
-    history, bad_in_a_row = [], 0
+    history, bad_in_a_row, shown = [], 0, None
     bar = tqdm(initial=start, total=tc.max_steps, desc="distill", unit="step", disable=not ctx.main)
     budget.start()
     step = start
@@ -430,8 +478,10 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
             batches = micro_batches(data, step, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
                                     seed=tc.seed, pad_id=pad_id)
             ids = [i for b in batches for i in b["ids"]]  # the global step's examples
+            logged = (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps  # metrics on these steps only
             m = train_step(runner, [D.shard_batch(b, ctx) for b in batches], signal_fn, cfg, vocab=vocab,
-                           device=device, precision=tc.precision, plugins=plugins, step=step, dist=ctx)
+                           device=device, precision=tc.precision, plugins=plugins, step=step, dist=ctx,
+                           metrics=logged, settle=False)
             D.sync_grads(ctx, model)
             stepped = optimizer_step(model, opt, sched, m, tc, step=step + 1, ids=ids)
             for hook in plugins.after_step:
@@ -443,9 +493,10 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
             m.update(step=step + 1, skipped=not stepped, tokens_per_s=m["tokens"] / (time.perf_counter() - t0),
                      ids=ids)  # the examples of this step: a resumed run's stream can be audited
             history.append(m)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", top1=f"{m['top1']:.2f}",
-                            tok_s=f"{m['tokens_per_s']:.0f}")
-            if writer and ((step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps):
+            shown = m if logged else shown  # the bar shows the last logged kl and top-1
+            bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{shown['kl']:.3f}" if shown else "-",
+                            top1=f"{shown['top1']:.2f}" if shown else "-", tok_s=f"{m['tokens_per_s']:.0f}")
+            if writer and logged:
                 writer.write(m)
             if D.any_rank(ctx, preempt.requested):
                 save(step + 1)
