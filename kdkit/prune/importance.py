@@ -138,7 +138,8 @@ def _activation_scores(model, batches: list[dict]) -> dict:
         def hook(module, args):
             heads = args[0][state["mask"]].view(-1, Hq, d).float()  # (N, Hq, d), real tokens only
             w = o_proj.weight.float().view(-1, Hq, d)  # (H, Hq, d)
-            gram = torch.einsum("ohd,ohe->hde", w, w)  # (Hq, d, d): ‖W_h x‖² = xᵀ (W_hᵀ W_h) x, d² not H·d per token
+            # ‖W_h x‖² = xᵀ (W_hᵀ W_h) x: d² instead of H·d multiply-adds per token and head
+            gram = torch.einsum("ohd,ohe->hde", w, w)  # (Hq, d, d)
             sq = (torch.einsum("nhd,hde->nhe", heads, gram) * heads).sum(-1)  # (N, Hq)
             acc["heads"][i] += sq.clamp_min(0).sqrt().double().sum(0).cpu()
         return hook
@@ -213,7 +214,8 @@ def _nll(model, hidden: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _skipped_hidden(model, calls: list, i: int) -> torch.Tensor:
-    """Last block output (B, T, H) with block i skipped: block i+1 gets block i's input, the blocks before are not recomputed."""
+    """Last block output (B, T, H) with block i skipped: block i+1 gets block i's recorded input, so the
+    blocks before i are not recomputed."""
     layers, h = _decoder_layers(model), calls[i][0]
     for j in range(i + 1, len(layers)):
         _, args, kwargs = calls[j]
