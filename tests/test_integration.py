@@ -37,18 +37,24 @@ def test_quickstart_fast_end_to_end(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(run / "student")
     model = AutoModelForCausalLM.from_pretrained(run / "student")
-    assert model.config.num_hidden_layers == 10 and tok.chat_template
+    pruned = json.loads((run / "pruned" / "prune.json").read_text())  # the recipe's init: width pruning
+    assert pruned["method"] == "width" and model.config.hidden_size == pruned["dims"]["hidden_size"] < 576
+    assert model.config.hidden_size % 32 == 0 and tok.chat_template  # GGUF's 32-wide quant blocks
+    assert metrics["baseline"]["params"] == 63_713_088 and "CE gap closed" in r.stdout  # the uniform 10-layer reference
+    assert (run / "cache" / "manifest.json").is_file()  # the teacher's signal, computed once
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
     # rerunning resumes: the generated data and the finished training are reused, not redone
     gen = (run / "data" / "train.jsonl").read_text()
+    pruned_at = (run / "pruned" / "prune.json").stat().st_mtime_ns
     r2 = subprocess.run([sys.executable, "-m", "kdkit.cli", "quickstart", "--fast", "--run-dir", str(run)],
                         capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert (run / "data" / "train.jsonl").read_text() == gen
     assert "distill" not in r2.stderr or "8/8" in r2.stderr
+    assert (run / "pruned" / "prune.json").stat().st_mtime_ns == pruned_at  # the pruning is reused, not redone
 
 
 def test_every_elicitation_strategy_on_the_packaged_teacher_then_sft(tmp_path):

@@ -51,11 +51,25 @@ def _card(teacher, summary: dict) -> str:
     ])
 
 
-def run(cfg: Config, *, teacher=None) -> dict:
+def finished(cfg: Config) -> dict | None:
+    """The summary of a pruning already written to RUN_DIR/pruned by the same prune config (prune.json
+    is written last, so its presence means the directory is whole), else None."""
+    path = pruned_dir(cfg) / "prune.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    if summary and summary.get("config") == cfg.prune.model_dump(mode="json") and summary.get("teacher") == cfg.teacher.path:
+        return {"pruned_dir": pruned_dir(cfg), **summary}
+    return None
+
+
+def run(cfg: Config, *, teacher=None, resume: bool = False) -> dict:
+    """`resume`: a pruning already done with the same config is reused (a rerun of a pipeline)."""
     # ---- setup
     pc = cfg.prune
     if pc.method == "none":
         raise UserError("prune.method is none: set it to depth, width or both (e.g. `prune.method=width`)")
+    if resume and (done := finished(cfg)):
+        log.info("prune: %s already holds this pruning, reused", done["pruned_dir"])
+        return done
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(cfg.run.dir)
@@ -76,6 +90,7 @@ def run(cfg: Config, *, teacher=None) -> dict:
     seconds = time.perf_counter() - t0
     pruned, summary = prune_model(model, imp, pc, plan)
     summary["importance_seconds"] = round(seconds, 1)
+    summary.update(config=pc.model_dump(mode="json"), teacher=cfg.teacher.path)  # what `finished` compares
     log.info("pruned %s: %s", pc.method, summary)
 
     # ---- save
