@@ -135,11 +135,11 @@ class Bench:
         self.tokens = int(b["attention_mask"].sum())
         self.rows = int((b["labels"][:, 1:] != -100).sum())
         self.seq = tuple(b["input_ids"].shape)
-        self.lazy_metrics = "metrics" in inspect.signature(loop.train_step).parameters
+        self.lazy_metrics = "metrics" in inspect.signature(loop.train_step).parameters  # (older kdkit: always)
 
     def step(self, *, logging: bool) -> dict:
         """One optimizer step; `logging`: a step whose metrics are written (log_every)."""
-        kwargs = {"metrics": logging} if self.lazy_metrics else {}
+        kwargs = {"metrics": logging, "settle": False} if self.lazy_metrics else {}  # as `loop.distill` calls it
         m = self.loop.train_step(self.student, self.batches, self.signal_fn, self.cfg, vocab=self.vocab,
                                  device=self.device, precision=self.cfg.train.precision, **kwargs)
         self.loop.optimizer_step(self.student, self.opt, self.sched, m, self.cfg.train, step=1, ids=[])
