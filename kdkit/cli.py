@@ -103,9 +103,9 @@ def quickstart(
     out = run_pipeline(cfg, resume=True)
     typer.echo("\n" + out["table"] + "\n")
     m = out["metrics"]
-    after, ref = m["student_after"], m.get("baseline") or m.get("student_before")
+    after, ref = m["student_after"], ("baseline" if "baseline" in m else "student_before")
     typer.echo(f"held-out: KL to the teacher {after['kl_to_teacher']:.3f} nats/token "
-               f"({after['kl_to_teacher'] / ref['kl_to_teacher']:.3f}x the untrained uniform student's), top-1 "
+               f"({after['kl_to_teacher'] / m[ref]['kl_to_teacher']:.3f}x the {ref}'s), top-1 "
                f"agreement {after['top1_agreement']:.1%}"
                + (f", CE gap closed {after['ce_gap_closed']:.1%}" if "ce_gap_closed" in after else "")
                + f"; student {after['params'] / m['teacher']['params']:.1%} of the teacher's parameters")

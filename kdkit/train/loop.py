@@ -32,6 +32,7 @@ from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
 from kdkit.train import dist as D
 from kdkit.train.metrics import MetricsWriter
 from kdkit.train.optim import build_optimizer
+from kdkit.utils import atomic_json
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ class TimeBudget:
     PROBE = 3
 
     def __init__(self, tc, run_dir: Path, *, resume: bool):
-        self.path, self.tc, self.t0 = run_dir / "budget.json", tc, None
+        self.path, self.tc, self.t0, self.started = run_dir / "budget.json", tc, None, None
         self.pending = tc.max_seconds is not None
         if self.pending and resume and self.path.exists():
             tc.max_steps, self.pending = min(tc.max_steps, json.loads(self.path.read_text())["max_steps"]), False
@@ -425,19 +426,13 @@ class TimeBudget:
             total = int(D.all_sum(ctx, [total])[0] / ctx.world)  # every rank the same count
             self.tc.max_steps, self.pending = max(total, done), False
             if main:
-                atomic_write_text(self.path, json.dumps({"max_steps": self.tc.max_steps, "seconds_per_step": per_step,
-                                                         "max_seconds": self.tc.max_seconds}))
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_json(self.path, {"max_steps": self.tc.max_steps, "seconds_per_step": per_step,
+                                        "max_seconds": self.tc.max_seconds})
             log.info("train.max_seconds=%s: %.2f s/step, %d steps", self.tc.max_seconds, per_step, self.tc.max_steps)
 
     def start(self) -> None:
         self.started = time.perf_counter()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, run_dir: Path, vocab: int,
