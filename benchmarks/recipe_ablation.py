@@ -1,9 +1,11 @@
 """The quickstart's ingredients switched one at a time, each row at the same wall-clock budget (not a test).
 
     python benchmarks/recipe_ablation.py [--budget 600] [--rows default init=uniform ...] [--threads 2]
+                                         [--train runs/exp/data/train.jsonl --eval runs/exp/data/eval.jsonl]
 
 Every row is the quickstart recipe (kdkit/configs/quickstart.yaml) with ONE change, run in its own
-process, alone. The teacher's answers (the data) are generated once and shared; a row's budget covers
+process, alone. The teacher's answers (the data) are generated once and shared (or read from --train and
+--eval: answers the quickstart recipe generated before); a row's budget covers
 everything after that: pruning (importance included), the top-k cache when the row reads one, and
 training, whose step count is what fits the rest of the budget (`train.max_seconds`: the loop times
 its first steps). Printed per row: held-out KL(teacher ‖ student), top-1 agreement, the share of the
@@ -26,7 +28,7 @@ ROWS = {  # name → overrides of the quickstart recipe
     "default": [],
     "init=uniform": ["prune.method=none", "student.init=teacher_layers", "student.num_layers=10"],
     "init=depth": ["prune.method=depth"],
-    "init=width": ["prune.method=width"],
+    "init=width": ["prune.method=width"],  # = default (the quickstart prunes width); not run unless named
     "init=both": ["prune.method=both"],
     "data=160": ["@rows=160"],
     "signal=online": ["teacher.signal=online"],
@@ -112,7 +114,9 @@ def one_row(name: str, *, work: Path, train: Path, eval_path: Path, budget: floa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=600.0, help="seconds per row after data generation")
-    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--rows", nargs="*", default=[r for r in ROWS if r != "init=width"], choices=list(ROWS))
+    ap.add_argument("--train", type=Path, help="the teacher's answers to train on (default: generate them once)")
+    ap.add_argument("--eval", type=Path, help="the held-out answers (with --train)")
     ap.add_argument("--work", type=Path, default=Path("runs/recipe_ablation"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row in this process
@@ -120,7 +124,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    train, eval_path, gen_s = generate_once(args.work)
+    if (args.train is None) != (args.eval is None):
+        ap.error("--train and --eval go together")
+    if args.train:
+        train, eval_path, gen_s = args.train.resolve(), args.eval.resolve(), 0.0
+    else:
+        train, eval_path, gen_s = generate_once(args.work)
     if args.one:
         print("ROW " + json.dumps(one_row(args.one, work=args.work, train=train, eval_path=eval_path,
                                             budget=args.budget)))
@@ -131,7 +140,7 @@ def main() -> None:
     results = []
     for name in args.rows:  # each row alone, in its own process
         cmd = [sys.executable, __file__, "--one", name, "--budget", str(args.budget), "--work", str(args.work),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), *(["--train", str(train), "--eval", str(eval_path)] if args.train else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
         if line is None:

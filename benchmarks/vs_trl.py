@@ -15,8 +15,8 @@
   through kdkit.cli.run_pipeline on the given data; its prune and cache stages, when it has them, are
   charged to its budget, and training gets the rest through `train.max_seconds`) against the best TRL
   offers for the same teacher, student size and budget: GKDTrainer on the uniform 10-layer student,
-  its step count chosen from its own measured seconds per step (after step 1, over TimeBudget.PROBE
-  steps, exactly as kdkit's loop does) so that its training loop fills the same budget.
+  its step count chosen from its own measured seconds per step (after step 1, to the end of the warm-up:
+  TimeBudget.probe_steps, exactly as kdkit's loop does) so that its training loop fills the same budget.
 
 Every student is then evaluated in one more process by the same function
 (kdkit.eval.retention.evaluate_models, fp32) on the held-out rows: KL(teacher ‖ student), top-1
@@ -177,7 +177,7 @@ def trl_gkd(args, work: Path, *, name: str, budget: float | None) -> dict:
     ends, tokens = [], []
 
     class Clock(TrainerCallback):
-        """Step ends; with a budget, kdkit's TimeBudget rule: time PROBE steps after the first, then fix
+        """Step ends; with a budget, kdkit's TimeBudget rule: time the warm-up after the first step, then fix
         the step count that fits the rest of the budget (the cosine then spans exactly those steps)."""
 
         def on_train_begin(self, a, state, control, **kw):
@@ -186,8 +186,8 @@ def trl_gkd(args, work: Path, *, name: str, budget: float | None) -> dict:
         def on_step_end(self, a, state, control, **kw):
             ends.append(time.perf_counter())
             done = state.global_step
-            if budget and done == 1 + TimeBudget.PROBE:
-                per_step = (ends[-1] - ends[0]) / TimeBudget.PROBE
+            if budget and done == 1 + TimeBudget.probe_steps(tc):
+                per_step = (ends[-1] - ends[0]) / (done - 1)
                 left = budget - (ends[-1] - self.started)
                 tc.max_steps = max(done, min(CAP_STEPS, done + int(left / per_step)))
             if done >= tc.max_steps:

@@ -274,16 +274,18 @@ def test_the_online_teacher_as_rows_and_head_matches_its_logits(tiny_config, imp
 
 
 def test_time_budget_fixes_the_step_count_and_a_resumed_run_keeps_it(tiny_config, monkeypatch):
-    """train.max_seconds: the steps that fit, measured on the first steps, written once and reused."""
+    """train.max_seconds: the steps that fit, measured over the warm-up after the first step, written once
+    and reused."""
     from kdkit.train import loop
 
     clock = iter(float(i) for i in range(10**6))  # every perf_counter call: one second later
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
     cfg = load_config(tiny_config, ["train.max_steps=500", "train.max_seconds=60", "train.save_every=0",
-                                    "eval.student_before=false", "eval.speed=false"])
+                                    "train.warmup_steps=6", "eval.student_before=false", "eval.speed=false"])
     out = distill.run(cfg)
     budget = json.loads((Path(cfg.run.dir) / "budget.json").read_text())
-    assert 4 < out["history"][-1]["step"] == budget["max_steps"] < 60  # far below max_steps, above the probe
+    assert budget["probe_steps"] == 5  # steps 2..6: the rest of the warm-up, where the schedule ignores max_steps
+    assert 6 < out["history"][-1]["step"] == budget["max_steps"] < 60  # far below max_steps, above the probe
     assert [h["step"] for h in out["history"]] == list(range(1, budget["max_steps"] + 1))
     lr = [h["lr"] for h in out["history"]]
     assert lr[-1] < 0.2 * max(lr)  # the cosine spans the budgeted steps: it ends near its floor

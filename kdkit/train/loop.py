@@ -400,15 +400,22 @@ def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str])
 
 
 class TimeBudget:
-    """`train.max_seconds`: how many steps fit the budget, measured on the first PROBE steps (inside
-    the warm-up, so the schedule has not moved yet) and fixed from then on: written to
-    RUN_DIR/budget.json, which a resumed run reads instead of measuring again."""
+    """`train.max_seconds`: how many steps fit the budget, measured on the steps after the first up to
+    the end of the warm-up (PROBE to MAX_PROBE of them: the schedule has not moved yet, so fixing the count
+    then changes no step already taken) and fixed from then on: written to RUN_DIR/budget.json, which a
+    resumed run reads instead of measuring again. Three steps alone misjudged the rate by 25% on a
+    noisy 2-core machine (batches differ in length; every log_every-th step computes metrics)."""
 
-    PROBE = 3
+    PROBE, MAX_PROBE = 3, 20
+
+    @classmethod
+    def probe_steps(cls, tc) -> int:
+        """Steps timed after the first: the rest of the warm-up, at least PROBE and at most MAX_PROBE."""
+        return min(max(cls.PROBE, tc.warmup_steps - 1), cls.MAX_PROBE)
 
     def __init__(self, tc, run_dir: Path, *, resume: bool):
         self.path, self.tc, self.t0, self.started = run_dir / "budget.json", tc, None, None
-        self.pending = tc.max_seconds is not None
+        self.pending, self.probe = tc.max_seconds is not None, self.probe_steps(tc)
         if self.pending and resume and self.path.exists():
             tc.max_steps, self.pending = min(tc.max_steps, json.loads(self.path.read_text())["max_steps"]), False
 
@@ -419,8 +426,8 @@ class TimeBudget:
         if done == 1:
             self.t0 = time.perf_counter()
             return
-        if done == 1 + self.PROBE:
-            per_step = (time.perf_counter() - self.t0) / self.PROBE
+        if done == 1 + self.probe or done >= self.tc.max_steps:
+            per_step = (time.perf_counter() - self.t0) / (done - 1)
             left = self.tc.max_seconds - (time.perf_counter() - self.started)
             total = min(self.tc.max_steps, done + max(0, int(left / per_step)))
             total = int(D.all_sum(ctx, [total])[0] / ctx.world)  # every rank the same count
@@ -428,7 +435,7 @@ class TimeBudget:
             if main:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_json(self.path, {"max_steps": self.tc.max_steps, "seconds_per_step": per_step,
-                                        "max_seconds": self.tc.max_seconds})
+                                        "probe_steps": done - 1, "max_seconds": self.tc.max_seconds})
             log.info("train.max_seconds=%s: %.2f s/step, %d steps", self.tc.max_seconds, per_step, self.tc.max_steps)
 
     def start(self) -> None:
