@@ -126,6 +126,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if (args.train is None) != (args.eval is None):
         ap.error("--train and --eval go together")
+    args.work.mkdir(parents=True, exist_ok=True)
     if args.train:
         train, eval_path, gen_s = args.train.resolve(), args.eval.resolve(), 0.0
     else:

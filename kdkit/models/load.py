@@ -7,6 +7,8 @@ saved (transformers refuses to serialise a GGUF-quantised model).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import importlib
 import importlib.util
@@ -110,11 +112,24 @@ def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     return plain
 
 
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps them: de-quantising a GGUF file leaves ~0.4 GB
+    of them for the 135M teacher, counted in the process's RSS for the whole run. No-op off glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # macOS, musl, Windows: their allocators return memory themselves
+        pass
+
+
 def load_model(src: ModelSource, *, trust_remote_code: bool = False, dtype=torch.float32) -> PreTrainedModel:
     """Load a causal LM from a directory (safetensors only) or a GGUF file."""
     if src.gguf_file:
         model = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, dtype=dtype)
-        return _plain_copy(model)
+        plain = _plain_copy(model)
+        del model
+        return_freed_memory()
+        return plain
     try:
         return AutoModelForCausalLM.from_pretrained(
             src.directory, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
