@@ -18,6 +18,7 @@ import typer
 from kdkit.config import Config, dump_config, load_config
 from kdkit.errors import UserError
 
+log = logging.getLogger(__name__)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for large language models.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
@@ -41,6 +42,7 @@ def run_pipeline(cfg: Config, stages=STAGES, *, resume: bool = False) -> dict:
     from kdkit.recipes import cache, distill, evaluate, generate, prune
     from kdkit.train.setup import load_teacher
 
+    started = time.perf_counter()
     teacher = load_teacher(cfg)
     out = {}
     if "generate" in stages:
@@ -55,12 +57,26 @@ def run_pipeline(cfg: Config, stages=STAGES, *, resume: bool = False) -> dict:
     if "cache" in stages and cfg.teacher.signal == "cache":
         cache.run(cfg, teacher=teacher)
     if "distill" in stages:
+        fit_training_to_budget(cfg, time.perf_counter() - started)
         out = distill.run(cfg, resume=resume, teacher=teacher)
     elif "eval" in stages:
         out = evaluate.run(cfg, teacher=teacher)
     if "distill" in stages and cfg.draft.pipeline and "student_dir" in out:
         out = draft_stage(cfg, out, teacher=teacher, resume=resume)
     return out
+
+
+def fit_training_to_budget(cfg: Config, elapsed: float) -> None:
+    """run.max_seconds: the training loop's budget is what the pipeline has left, less the reserve."""
+    if cfg.run.max_seconds is None:
+        return
+    left = cfg.run.max_seconds - cfg.run.reserve_seconds - elapsed
+    if left < 60:
+        log.warning("run.max_seconds=%s: %.0f s of it went before training; training gets at least 60 s",
+                    cfg.run.max_seconds, elapsed)
+    cfg.train.max_seconds = min(cfg.train.max_seconds or float("inf"), max(left, 60.0))
+    log.info("run.max_seconds=%s: %.0f s elapsed, train.max_seconds=%.0f", cfg.run.max_seconds, elapsed,
+             cfg.train.max_seconds)
 
 
 def draft_stage(cfg: Config, out: dict, *, teacher, resume: bool) -> dict:

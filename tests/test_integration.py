@@ -42,6 +42,8 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert model.config.hidden_size % 32 == 0 and tok.chat_template  # GGUF's 32-wide quant blocks
     assert metrics["baseline"]["params"] == 63_713_088 and "CE gap closed" in r.stdout  # the uniform 10-layer reference
     assert (run / "cache" / "manifest.json").is_file()  # the teacher's signal, computed once
+    budget = json.loads((run / "budget.json").read_text())  # run.max_seconds: training got what was left of it
+    assert 60 <= budget["max_seconds"] < 600 - 75 and budget["max_steps"] == 8
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)

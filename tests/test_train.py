@@ -302,3 +302,22 @@ def test_baseline_layers_adds_the_untrained_reference_and_the_ce_gap_closed(tiny
     gap = (m["baseline"]["ce"] - m["student_after"]["ce"]) / (m["baseline"]["ce"] - m["teacher"]["ce"])
     assert m["student_after"]["ce_gap_closed"] == pytest.approx(gap)
     assert "CE gap closed" in (Path(cfg.run.dir) / "report.md").read_text()
+
+
+def test_run_max_seconds_gives_training_what_the_pipeline_left(tiny_config):
+    """run.max_seconds: train.max_seconds becomes the rest of the budget less the reserve (the lower of the two
+    when both are set), at least 60 s."""
+    from kdkit.cli import fit_training_to_budget
+
+    cfg = load_config(tiny_config, ["run.max_seconds=900", "run.reserve_seconds=75"])
+    fit_training_to_budget(cfg, 300.0)
+    assert cfg.train.max_seconds == pytest.approx(525.0)
+    cfg = load_config(tiny_config, ["run.max_seconds=900", "train.max_seconds=200"])
+    fit_training_to_budget(cfg, 300.0)
+    assert cfg.train.max_seconds == 200.0
+    cfg = load_config(tiny_config, ["run.max_seconds=100"])
+    fit_training_to_budget(cfg, 300.0)
+    assert cfg.train.max_seconds == 60.0
+    cfg = load_config(tiny_config, [])
+    fit_training_to_budget(cfg, 300.0)
+    assert cfg.train.max_seconds is None

@@ -34,6 +34,13 @@ from kdkit.errors import UserError
 class RunConfig(Section):
     dir: str = Field("runs/kdkit", description="run directory: config, metrics, checkpoints, student, report")
     student_dir: str | None = Field(None, description="eval: the distilled student to evaluate (default: RUN_DIR/student)")
+    max_seconds: float | None = Field(
+        None, gt=0.0, description="wall-clock budget of a pipeline (`kdkit pipeline`, `kdkit quickstart`): training "
+        "gets what the stages before it (teacher load, generate, prune, cache) left, less reserve_seconds for the "
+        "evaluation after it, as train.max_seconds (the lower of the two when both are set); a slower machine "
+        "trains fewer steps instead of overrunning")
+    reserve_seconds: float = Field(
+        90.0, ge=0.0, description="with max_seconds: the share kept for what runs after training (evaluation, report)")
 
 
 class Config(Section):
