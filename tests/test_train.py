@@ -284,7 +284,7 @@ def test_time_budget_fixes_the_step_count_and_a_resumed_run_keeps_it(tiny_config
                                     "train.warmup_steps=6", "eval.student_before=false", "eval.speed=false"])
     out = distill.run(cfg)
     budget = json.loads((Path(cfg.run.dir) / "budget.json").read_text())
-    assert budget["probe_steps"] == 5  # steps 2..6: the rest of the warm-up, where the schedule ignores max_steps
+    assert budget["at_step"] > 6 and budget["measured_steps"] == budget["at_step"] - 6  # re-planned after the probe
     assert 6 < out["history"][-1]["step"] == budget["max_steps"] < 60  # far below max_steps, above the probe
     assert [h["step"] for h in out["history"]] == list(range(1, budget["max_steps"] + 1))
     lr = [h["lr"] for h in out["history"]]
@@ -321,3 +321,31 @@ def test_run_max_seconds_gives_training_what_the_pipeline_left(tiny_config):
     cfg = load_config(tiny_config, [])
     fit_training_to_budget(cfg, 300.0)
     assert cfg.train.max_seconds is None
+
+
+def test_time_budget_probes_the_warm_up_then_replans_at_the_steady_rate(tmp_path, monkeypatch):
+    """Slow first steps (10 s) then fast ones (2 s): the probe over the warm-up plans for 10 s/step, the
+    re-plan a third of the way through the rest extends the run to what the budget fits at 2 s/step."""
+    from types import SimpleNamespace
+
+    from kdkit.train import loop
+    from kdkit.train.dist import DistContext
+
+    now = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    tc = SimpleNamespace(max_seconds=400.0, max_steps=1000, warmup_steps=6)
+    budget = loop.TimeBudget(tc, tmp_path, resume=False)
+    budget.start()
+    done, ctx = 0, DistContext()
+    while done < tc.max_steps:
+        now[0] += 10.0 if done < 6 else 2.0
+        done += 1
+        budget.after_step(done, ctx, main=True)
+        if done == 6:  # the probe, steps 2..6 at 10 s: (400 - 60) / 10 more
+            assert tc.max_steps == 6 + 34
+    # re-planned at step 6 + 34 // 3 = 17 (82 s spent): (400 - 82) / 2 = 159 more steps
+    assert done == tc.max_steps == 17 + 159
+    assert json.loads((tmp_path / "budget.json").read_text())["at_step"] == 17
+    assert now[0] == pytest.approx(400.0, abs=2.0)  # the budget is used, not 20% of it left
+    again = loop.TimeBudget(SimpleNamespace(max_seconds=400.0, max_steps=1000, warmup_steps=6), tmp_path, resume=True)
+    assert again.tc.max_steps == 176 and not again.pending  # a resumed run keeps the count

@@ -400,11 +400,12 @@ def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str])
 
 
 class TimeBudget:
-    """`train.max_seconds`: how many steps fit the budget, measured on the steps after the first up to
-    the end of the warm-up (PROBE to MAX_PROBE of them: the schedule has not moved yet, so fixing the count
-    then changes no step already taken) and fixed from then on: written to RUN_DIR/budget.json, which a
-    resumed run reads instead of measuring again. Three steps alone misjudged the rate by 25% on a
-    noisy 2-core machine (batches differ in length; every log_every-th step computes metrics)."""
+    """`train.max_seconds`: how many steps fit the budget. Measured twice: over the steps after the first
+    up to the end of the warm-up (PROBE to MAX_PROBE of them; the schedule has not moved yet, so fixing
+    the count then changes no step already taken), then once more a third of the way through the rest,
+    at the steady rate (the first steps of a CPU run are up to 30% slower while the allocator warms up:
+    the warm-up's rate alone left 20% of a 4-minute budget unused). The count is written to
+    RUN_DIR/budget.json each time; a resumed run reads it instead of measuring again."""
 
     PROBE, MAX_PROBE = 3, 20
 
@@ -414,8 +415,10 @@ class TimeBudget:
         return min(max(cls.PROBE, tc.warmup_steps - 1), cls.MAX_PROBE)
 
     def __init__(self, tc, run_dir: Path, *, resume: bool):
-        self.path, self.tc, self.t0, self.started = run_dir / "budget.json", tc, None, None
+        self.path, self.tc, self.started = run_dir / "budget.json", tc, None
+        self.marks: list[tuple[int, float]] = []  # (steps done, clock) where a measurement starts or ends
         self.pending, self.probe = tc.max_seconds is not None, self.probe_steps(tc)
+        self.replan_at, self.cap = None, tc.max_steps  # train.max_steps: no plan goes past it
         if self.pending and resume and self.path.exists():
             tc.max_steps, self.pending = min(tc.max_steps, json.loads(self.path.read_text())["max_steps"]), False
 
@@ -423,20 +426,31 @@ class TimeBudget:
         """Called after each step; `done` steps of this run so far (the first one's time is not used)."""
         if not self.pending:
             return
+        now = time.perf_counter()
         if done == 1:
-            self.t0 = time.perf_counter()
-            return
-        if done == 1 + self.probe or done >= self.tc.max_steps:
-            per_step = (time.perf_counter() - self.t0) / (done - 1)
-            left = self.tc.max_seconds - (time.perf_counter() - self.started)
-            total = min(self.tc.max_steps, done + max(0, int(left / per_step)))
-            total = int(D.all_sum(ctx, [total])[0] / ctx.world)  # every rank the same count
-            self.tc.max_steps, self.pending = max(total, done), False
-            if main:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_json(self.path, {"max_steps": self.tc.max_steps, "seconds_per_step": per_step,
-                                        "probe_steps": done - 1, "max_seconds": self.tc.max_seconds})
-            log.info("train.max_seconds=%s: %.2f s/step, %d steps", self.tc.max_seconds, per_step, self.tc.max_steps)
+            self.marks.append((done, now))
+        elif self.replan_at is None and (done == 1 + self.probe or done >= self.tc.max_steps):
+            self._plan(done, now, ctx, main=main)
+            self.replan_at = done + max(5, (self.tc.max_steps - done) // 3)
+        elif done == self.replan_at or (self.replan_at is not None and done >= self.tc.max_steps):
+            self._plan(done, now, ctx, main=main)
+            self.pending = False
+
+    def _plan(self, done: int, now: float, ctx, *, main: bool) -> None:
+        """Steps that fit at the rate since the last mark (never fewer than done)."""
+        since, then = self.marks[-1]
+        per_step = (now - then) / (done - since)
+        left = self.tc.max_seconds - (now - self.started)
+        total = min(self.cap, done + max(0, int(left / per_step)))
+        total = int(D.all_sum(ctx, [total])[0] / ctx.world)  # every rank the same count
+        self.tc.max_steps = max(total, done)
+        self.marks.append((done, now))
+        if main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_json(self.path, {"max_steps": self.tc.max_steps, "seconds_per_step": per_step,
+                                    "measured_steps": done - since, "at_step": done,
+                                    "max_seconds": self.tc.max_seconds})
+        log.info("train.max_seconds=%s: %.2f s/step, %d steps", self.tc.max_seconds, per_step, self.tc.max_steps)
 
     def start(self) -> None:
         self.started = time.perf_counter()
