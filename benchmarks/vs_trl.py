@@ -15,8 +15,8 @@
   through kdkit.cli.run_pipeline on the given data; its prune and cache stages, when it has them, are
   charged to its budget, and training gets the rest through `train.max_seconds`) against the best TRL
   offers for the same teacher, student size and budget: GKDTrainer on the uniform 10-layer student,
-  its step count chosen from its own measured seconds per step (after step 1, to the end of the warm-up:
-  TimeBudget.probe_steps, exactly as kdkit's loop does) so that its training loop fills the same budget.
+  its step count set from its own measured seconds per step by kdkit's TimeBudget itself (the rule
+  kdkit's loop uses), so that its training loop fills the same budget.
 
 Every student is then evaluated in one more process by the same function
 (kdkit.eval.retention.evaluate_models, fp32) on the held-out rows: KL(teacher ‖ student), top-1
@@ -161,6 +161,7 @@ def trl_gkd(args, work: Path, *, name: str, budget: float | None) -> dict:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from kdkit.models.load import freeze, load_model, load_tokenizer, resolve
+    from kdkit.train.dist import DistContext
     from kdkit.train.loop import TimeBudget
     from kdkit.train.optim import build_optimizer
 
@@ -173,24 +174,22 @@ def trl_gkd(args, work: Path, *, name: str, budget: float | None) -> dict:
 
     dataset = Dataset.from_list([{"messages": ex.messages} for ex in examples])
     tc = kdkit_train_config(args, steps=CAP_STEPS if budget else args.steps).train
+    tc.max_seconds = budget  # None: --steps steps
     opt, sched = build_optimizer(student, tc)  # the schedule reads tc.max_steps live (the budget sets it)
+    timer = TimeBudget(tc, work / name, resume=False)  # kdkit's own rule, so both loops fill the budget alike
     ends, tokens = [], []
 
     class Clock(TrainerCallback):
-        """Step ends; with a budget, kdkit's TimeBudget rule: time the warm-up after the first step, then fix
-        the step count that fits the rest of the budget (the cosine then spans exactly those steps)."""
+        """Step ends; with a budget, kdkit's TimeBudget sets the step count that fits the rest of it (timed over
+        the warm-up, re-timed once at the steady rate; the cosine spans those steps)."""
 
         def on_train_begin(self, a, state, control, **kw):
-            self.started = time.perf_counter()
+            timer.start()
 
         def on_step_end(self, a, state, control, **kw):
             ends.append(time.perf_counter())
-            done = state.global_step
-            if budget and done == 1 + TimeBudget.probe_steps(tc):
-                per_step = (ends[-1] - ends[0]) / (done - 1)
-                left = budget - (ends[-1] - self.started)
-                tc.max_steps = max(done, min(CAP_STEPS, done + int(left / per_step)))
-            if done >= tc.max_steps:
+            timer.after_step(state.global_step, DistContext(), main=True)
+            if state.global_step >= tc.max_steps:
                 control.should_training_stop = True
 
     class CountingGKD(GKDTrainer):
@@ -413,7 +412,7 @@ def notes(args, data: dict, ref: dict | None, runs: dict, load: tuple) -> list[s
     if runs.get("trl-recipe"):
         out.append(f"- TRL recipe: GKDTrainer forward KL on the same rows (its best option on fixed teacher data: "
                    f"on-policy lmbda>0 generates with the student every step, far slower on CPU), training loop "
-                   f"budget {args.budget:.0f} s, steps fixed after timing steps 2-4; "
+                   f"budget {args.budget:.0f} s, steps set by kdkit's TimeBudget (warm-up timing, one re-plan); "
                    f"train() took {runs['trl-recipe']['train_s']:.0f} s")
     return out
 

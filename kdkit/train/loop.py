@@ -416,7 +416,7 @@ class TimeBudget:
 
     def __init__(self, tc, run_dir: Path, *, resume: bool):
         self.path, self.tc, self.started = run_dir / "budget.json", tc, None
-        self.marks: list[tuple[int, float]] = []  # (steps done, clock) where a measurement starts or ends
+        self.mark: tuple[int, float] | None = None  # (steps done, clock) where the current measurement began
         self.pending, self.probe = tc.max_seconds is not None, self.probe_steps(tc)
         self.replan_at, self.cap = None, tc.max_steps  # train.max_steps: no plan goes past it
         if self.pending and resume and self.path.exists():
@@ -428,7 +428,7 @@ class TimeBudget:
             return
         now = time.perf_counter()
         if done == 1:
-            self.marks.append((done, now))
+            self.mark = (done, now)
         elif self.replan_at is None and (done == 1 + self.probe or done >= self.tc.max_steps):
             self._plan(done, now, ctx, main=main)
             self.replan_at = done + max(5, (self.tc.max_steps - done) // 3)
@@ -438,13 +438,13 @@ class TimeBudget:
 
     def _plan(self, done: int, now: float, ctx, *, main: bool) -> None:
         """Steps that fit at the rate since the last mark (never fewer than done)."""
-        since, then = self.marks[-1]
+        since, then = self.mark
         per_step = (now - then) / (done - since)
         left = self.tc.max_seconds - (now - self.started)
         total = min(self.cap, done + max(0, int(left / per_step)))
         total = int(D.all_sum(ctx, [total])[0] / ctx.world)  # every rank the same count
         self.tc.max_steps = max(total, done)
-        self.marks.append((done, now))
+        self.mark = (done, now)
         if main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_json(self.path, {"max_steps": self.tc.max_steps, "seconds_per_step": per_step,
