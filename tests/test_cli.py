@@ -58,3 +58,23 @@ def test_generate_writes_messages_and_resumes(tiny_config, tmp_path):
     assert _kdkit(*args).returncode == 0
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == [f"p{i}" for i in range(5)]
+
+
+def test_generate_samples_adds_sampled_answers_per_prompt_and_resumes(tiny_config, tmp_path):
+    """generate.samples=2: each prompt answered once as configured and twice sampled (ids ID~s1, ID~s2); a
+    rerun writes nothing twice."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(3)))
+    out = tmp_path / "gen.jsonl"
+    args = ("generate", tiny_config, f"generate.prompts={prompts}", f"generate.output={out}",
+            "generate.max_new_tokens=8", "generate.batch_size=2", "generate.samples=2", "generate.temperature=1.5")
+    assert _kdkit(*args).returncode == 0
+    rows = {json.loads(x)["id"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert sorted(rows) == sorted(f"p{i}{s}" for i in range(3) for s in ("", "~s1", "~s2"))
+    assert all(r["messages"][0]["content"] == rows[i.split("~")[0]]["messages"][0]["content"] for i, r in rows.items())
+    assert len({rows[f"p{i}{s}"]["messages"][-1]["content"] for i in range(3) for s in ("", "~s1", "~s2")}) > 3
+    before = out.read_text()
+    assert _kdkit(*args).returncode == 0
+    assert out.read_text() == before
+    manifest = json.loads((tmp_path / "gen.jsonl.manifest.json").read_text())
+    assert manifest["sampling"]["samples"] == 2 and manifest["rows"] == 9

@@ -90,3 +90,41 @@ def test_loading_a_gguf_teacher_returns_its_dequantisation_memory(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     held, weights = map(int, out.stdout.split()[-2:])
     assert held < 1.4 * weights, f"loading kept {held / 1e9:.2f} GB for {weights / 1e9:.2f} GB of weights"
+
+
+def test_the_lm_head_takes_its_input_contiguous():
+    """transformers slices the last positions (`logits_to_keep`) before the head; PyTorch's CPU linear
+    runs a strided 3-D input as a batched GEMM over copies of the head (400x slower in bf16): every
+    loaded or built model makes the input contiguous first, with the same logits."""
+    from kdkit.models.load import contiguous_head, student_from_layers
+    from kdkit.models.tiny import tiny_llama
+
+    model = contiguous_head(tiny_llama(vocab_size=100, num_layers=2)).eval()
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        last = model(input_ids=ids, logits_to_keep=1).logits  # (3, 1, V)
+        full = model(input_ids=ids).logits  # (3, 7, V)
+    assert seen == [True, True]
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    assert contiguous_head(model) is model and len(model.get_output_embeddings()._forward_pre_hooks) == 2  # idempotent
+    seen.clear()
+    with torch.no_grad():
+        student_from_layers(model, [1])(input_ids=ids, logits_to_keep=1)
+    assert getattr(student_from_layers(model, [1]).get_output_embeddings(), "_kdkit_contiguous", False)
+
+
+def test_the_forward_teacher_is_a_bf16_copy_and_evaluation_keeps_fp32(tiny_teacher):
+    """bf16 runs generate and build the cache with a bf16 copy of the teacher (made once); `teacher.model`,
+    which evaluation compares students with, stays fp32."""
+    from kdkit.config import build_config
+    from kdkit.train.setup import forward_teacher, load_teacher
+
+    cfg = build_config({"teacher": {"path": str(tiny_teacher)}, "train": {"precision": "bf16"}})
+    teacher = load_teacher(cfg)
+    held = forward_teacher(cfg, teacher)
+    assert held.dtype == torch.bfloat16 and teacher.model.dtype == torch.float32
+    assert forward_teacher(cfg, teacher) is held
+    cfg.train.precision = "fp32"
+    assert forward_teacher(cfg, teacher) is teacher.model

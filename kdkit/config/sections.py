@@ -236,6 +236,9 @@ class GenerateConfig(Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling (do_sample only)")
     limit: int | None = Field(None, ge=1, description="answer only the first N prompts")
     eval_limit: int | None = Field(None, ge=1, description="answer only the first N held-out prompts")
+    samples: int = Field(0, ge=0, description="prompts: this many extra answers per training prompt, sampled at "
+                         "`temperature`/`top_p` beside the main one (ids ID~s1, ID~s2, ...): more distinct training "
+                         "sequences from the same prompts, for students that would otherwise memorise few answers")
     top_logprobs: int = Field(
         0, ge=0, description="http: also store the teacher's top-k log-probs per answer token (0: off)"
     )

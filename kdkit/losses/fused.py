@@ -21,6 +21,7 @@ inductor into one loop nest with `compiled=True` (the fast path for training).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -167,7 +168,8 @@ class _FusedDistill(torch.autograd.Function):
         sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)  # Σ kd, Σ ce, Σ KL₁, #top-1
         all_rows = n == labels.numel()
         chunk_size = step_rows(n, chunk_size, compiled)
-        step = padded_step(chunk_size) if compiled else chunk_grad
+        # eager: the student's logits buffer is the chunk step's scratch (recomputed for the next chunk)
+        step = padded_step(chunk_size) if compiled else functools.partial(chunk_grad, overwrite=True)
         for start in range(0, n, chunk_size):
             # Contiguous slices when nothing is masked (views, no gather); else an index gather.
             idx = slice(start, start + chunk_size) if all_rows else rows[start : start + chunk_size]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused_fkl
 from .divergences import DIVERGENCES, soft_scale
 from .reduce import masked_sum
 from .sparse import student_buckets
@@ -93,8 +94,12 @@ def chunk_objective(z_s: Tensor, teacher: tuple, labels: Tensor, weight: Tensor 
     return objective, (kd.detach(), ce.detach(), kl, agree)
 
 
-def chunk_grad(z_s: Tensor, teacher: tuple, labels: Tensor, weight: Tensor | None, spec: Spec):
+def chunk_grad(z_s: Tensor, teacher: tuple, labels: Tensor, weight: Tensor | None, spec: Spec, *,
+               overwrite: bool = False):
     """d objective / d student logits (c, V) fp32 (None without grad), and the chunk's sums.
+
+    `overwrite=True`: z_s is a scratch fp32 buffer the caller gives up; forward KL then runs in closed
+    form in place on it (`fused_fkl`: a few passes, no (c, V) allocation), and the gradient is z_s itself.
 
     Pure tensor code (torch.func, no autograd graph kept): the same function runs eagerly or
     compiled by `compiled_step`, where inductor fuses the ~20 element-wise passes of the
@@ -104,6 +109,8 @@ def chunk_grad(z_s: Tensor, teacher: tuple, labels: Tensor, weight: Tensor | Non
     """
     if not spec.need_grad:
         return None, chunk_objective(z_s, teacher, labels, weight, spec)[1]
+    if overwrite and fused_fkl.applies(spec) and z_s.dtype == torch.float32:
+        return fused_fkl.fkl_chunk_grad(z_s, teacher, labels, weight, spec, metrics_fn=_metrics)
     if spec.divergence == "jsd" and not spec.sparse and 0.0 < dict(spec.kwargs).get("beta", 0.5) < 1.0:
         return jsd_chunk_grad(z_s, teacher, labels, weight, spec)
     g, (_, sums) = torch.func.grad_and_value(chunk_objective, has_aux=True)(z_s, teacher, labels, weight, spec)

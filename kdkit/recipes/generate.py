@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from kdkit.config import Config, save_config
@@ -34,7 +35,7 @@ from kdkit.teacher.elicit import run_task
 from kdkit.teacher.generate import done_ids, generate_answers
 from kdkit.teacher.http import ChatClient, common_model, generate_answers_http
 from kdkit.teacher.vllm_engine import generate_answers_vllm, hf_directory, load_engine, require_vllm
-from kdkit.train.setup import load_teacher
+from kdkit.train.setup import forward_teacher, load_teacher
 
 
 def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
@@ -57,7 +58,12 @@ def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
     if gc.tasks:
         out = Path(gc.output) if gc.output else run_dir / "data" / "train"
         return {"train": _run_tasks(cfg, complete, source=source, decision=decision, out=out)}
-    return _answer_prompts(cfg, complete, source=source, decision=decision)
+    sampled = None
+    if gc.samples:  # the extra answers: the same backend, sampling
+        alt = cfg.model_copy(deep=True)
+        alt.generate.do_sample = True
+        sampled = _backend(alt, teacher)[0]
+    return _answer_prompts(cfg, complete, source=source, decision=decision, sampled=sampled)
 
 
 def _backend(cfg: Config, teacher):
@@ -83,7 +89,7 @@ def _backend(cfg: Config, teacher):
     teacher = teacher or load_teacher(cfg)
 
     def complete(examples, out, *, top_logprobs: int = 0, max_new_tokens: int | None = None):
-        return generate_answers(teacher.model, teacher.tokenizer, examples, out,
+        return generate_answers(forward_teacher(cfg, teacher), teacher.tokenizer, examples, out,
                                 max_new_tokens=max_new_tokens or gc.max_new_tokens, batch_size=gc.batch_size,
                                 do_sample=gc.do_sample, temperature=gc.temperature, top_p=gc.top_p,
                                 seed=cfg.train.seed, top_logprobs=top_logprobs)
@@ -129,8 +135,9 @@ def _run_tasks(cfg: Config, complete, *, source: dict, decision: dict, out: Path
     return out
 
 
-def _answer_prompts(cfg: Config, complete, *, source: dict, decision: dict) -> dict[str, Path]:
-    """generate.prompts (and eval_prompts): one answer per prompt, one jsonl per split."""
+def _answer_prompts(cfg: Config, complete, *, source: dict, decision: dict, sampled=None) -> dict[str, Path]:
+    """generate.prompts (and eval_prompts): one answer per prompt, one jsonl per split; `generate.samples`
+    more per training prompt from `sampled` (the backend sampling), appended to the training file."""
     gc, run_dir = cfg.generate, Path(cfg.run.dir)
     jobs = {"train": (gc.prompts, gc.limit, Path(gc.output) if gc.output else run_dir / "data" / "train.jsonl")}
     if gc.eval_prompts:
@@ -143,13 +150,16 @@ def _answer_prompts(cfg: Config, complete, *, source: dict, decision: dict) -> d
     outputs = {}
     for split, (_, _, out) in jobs.items():
         outputs[split] = complete(examples[split], out)
+        if split == "train" and gc.samples:
+            extra = [replace(e, id=f"{e.id}~s{j}") for j in range(1, gc.samples + 1) for e in examples[split]]
+            sampled(extra, out)  # appended; a rerun skips the ids already written
         _write_manifest(out, source=source, decision=decision, cfg=cfg, prompts=len(examples[split]))
     return outputs
 
 
 def _sampling(cfg: Config) -> dict:
     gc = cfg.generate
-    return {"do_sample": gc.do_sample, "temperature": gc.temperature if gc.do_sample else 0.0,
+    return {"do_sample": gc.do_sample, "temperature": gc.temperature if gc.do_sample else 0.0, "samples": gc.samples,
             "top_p": gc.top_p, "max_new_tokens": gc.max_new_tokens, "seed": cfg.train.seed,
             "top_logprobs": gc.top_logprobs, "batch_size": gc.batch_size}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
@@ -32,6 +33,7 @@ class Teacher:
         self.tokenizer = M.load_tokenizer(self.source, trust_remote_code=tc.trust_remote_code)
         self.license = M.read_license(self.source, tc.license)
         self._model = None
+        self._held = None  # (dtype, device, model): the forward-only copy `held` made
 
     @property
     def model(self) -> torch.nn.Module:
@@ -42,7 +44,19 @@ class Teacher:
 
     def reload(self) -> None:
         """Drop the weights (e.g. FSDP2 shards, unusable once training ends); `model` loads them again."""
-        self._model = None
+        self._model = self._held = None
+
+    def held(self, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+        """The teacher for forward-only work (generation, the signal cache) in the run's compute dtype on its
+        device: `model` itself where that already matches, else a copy cast once and kept, so that
+        evaluation still compares every student with the teacher's own fp32 weights."""
+        model = self.model
+        if model.dtype == dtype and model.device == device:
+            return model
+        if self._held is None or self._held[:2] != (dtype, device):
+            self._held = None  # the old copy freed before the new one is made
+            self._held = (dtype, device, M.contiguous_head(copy.deepcopy(model).to(device=device, dtype=dtype)))
+        return self._held[2]
 
     def weights_hash(self, like: str = "") -> str:
         """The teacher's weights as a content hash (kdkit.models.fingerprint), of the kind of `like`
@@ -57,6 +71,15 @@ class Teacher:
             teacher_id=self.source.id, tokenizer_hash=M.tokenizer_hash(self.tokenizer),
             chat_template_hash=M.chat_template_hash(self.tokenizer), temperature=temperature,
         )
+
+
+def forward_teacher(cfg: Config, teacher: Teacher) -> torch.nn.Module:
+    """The teacher that generates answers and computes the signal cache: the run's device, and its
+    precision policy (`teacher_dtype`: bf16 where the step computes in bf16)."""
+    from kdkit.train.loop import pick_device
+
+    device = pick_device(cfg.train.device)
+    return teacher.held(teacher_dtype(cfg, device), device)
 
 
 def teacher_dtype(cfg: Config, device: torch.device) -> torch.dtype:

@@ -1,0 +1,146 @@
+"""Forward KL on one fused chunk with its gradient in closed form, in place, on a top-k or dense teacher.
+
+`chunk_grad` in general differentiates the divergence with torch.func: ~20 element-wise passes over
+the chunk's (c, V) logits, each allocating a fresh (c, V) fp32 tensor. On a CPU those allocations
+dominate the step (glibc maps and unmaps every block over 32 MiB: a page fault per 4 KiB each time;
+an op that runs in 7 ms in place took 30 ms allocating), and forward KL, the default objective,
+needs none of it. Its gradient at temperature T, with q = softmax(z / T) and p the teacher's
+distribution, is (q − p) / T. On the k + 1 buckets of a top-k signal (`sparse.py`), with
+e = exp(z / T − max), S = Σ e, R = Σ_{v ∉ top k} e (the student's tail, summed directly in fp64:
+no 1 − Σ top cancellation), P = Σ of the teacher's bucket masses and p_tail its tail:
+
+    d KL / d (z_v / T) = e_v · (P / S − p_tail / R)      v outside the top k
+                       = e_v · P / S − p_v                v one of the top k
+
+So the chunk costs a handful of passes over a buffer it overwrites (the student's logits buffer,
+which the fused loss recomputes for every chunk). The KL's VALUE is still the one divergence of
+`divergences.py`, taken on the (c, k + 1) buckets or from the two log-normalisers, with its
+conventions: a p = 0 term is 0; a row where p > 0 but q = 0 is +inf and sends no gradient.
+The one difference from autograd: a student tail below fp32's exp range (every non-top-k logit over
+103 nats under the row's max) counts as empty here, where the log-space sum keeps a finite value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .divergences import _kl
+from .reduce import masked_sum
+
+IGNORE_INDEX = -100
+
+
+def applies(spec) -> bool:
+    """Whether `fkl_chunk_grad` serves this objective: forward KL with a gradient, where the CE part
+    (if any) shares the softmax (T = 1), or there is none (alpha = 1)."""
+    return spec.divergence == "forward_kl" and spec.need_grad and (spec.alpha == 1.0 or spec.temperature == 1.0)
+
+
+def fkl_chunk_grad(z_s: Tensor, teacher: tuple, labels: Tensor, weight: Tensor | None, spec, *, metrics_fn):
+    """`chunk_grad` for forward KL: (d objective / d z_s (c, V) fp32, written INTO z_s), and the
+    chunk's sums (Σ kd, Σ ce, Σ KL₁, #top-1). `z_s` must be an fp32 buffer the caller gives up.
+    `metrics_fn(z_s, teacher, mask, spec, kd)`: the generic progress metrics, called before z_s is
+    overwritten when they are not the KD value itself (T ≠ 1)."""
+    t, alpha = spec.temperature, spec.alpha
+    mask = labels != IGNORE_INDEX  # (c,) bool
+    zero = z_s.new_zeros(())
+    agree = None
+    if spec.metrics:  # before z_s is overwritten; the top-1 needs the raw logits only
+        teacher_top = teacher[2][:, 0] if spec.sparse else teacher[0].argmax(dim=-1)  # (c,)
+        agree = ((z_s.argmax(dim=-1) == teacher_top) & mask).sum().to(torch.float32)
+    kl1 = metrics_fn(z_s, teacher, mask, spec, None)[0] if spec.metrics and t != 1.0 else None
+    safe = torch.where(mask, labels, 0)[:, None]  # (c, 1) label column (0 on unsupervised rows)
+    picked_label = z_s.gather(1, safe)[:, 0]  # (c,) the label's logit: CE is reported at any alpha
+    lse_1 = torch.logsumexp(z_s, dim=-1) if t != 1.0 else None  # (c,) CE's log-normaliser at T = 1
+    x = z_s.div_(t) if t != 1.0 else z_s  # (c, V) z / T, in place
+    m = x.amax(dim=-1, keepdim=True)  # (c, 1); an all -inf row gives NaN, as the dense path
+    # x becomes e = exp(z / T − m); d KL / d(z / T) = e ⊙ coef (c,), plus `fix`: (ids, values) at the
+    # top-k slots (sparse), or −p over the whole row (dense, fix = p)
+    per_row, coef, fix, total = (_sparse if spec.sparse else _dense)(x, m, teacher, t)
+    if lse_1 is None:  # T = 1: the same normaliser, log S + max
+        lse_1 = m[:, 0] + torch.log(total)
+    ce = masked_sum(lse_1 - picked_label, mask)
+    rows = mask if weight is None else mask & (weight != 0)  # rows in the KD sum
+    kd = masked_sum(per_row if weight is None else per_row * weight, rows)
+    finite = torch.isfinite(per_row)  # an inf row (p > 0 where q = 0) sends no gradient
+    w = torch.where(rows & finite, 1.0 if weight is None else weight, 0.0)  # (c,)
+    kd_scale = alpha * t * w  # α · T² · (1/T): the objective's factor on d KL / d(z / T), per row
+    row = kd_scale * coef  # (c,)
+    if alpha != 1.0:  # (1 − α)(softmax − onehot) on supervised rows; T = 1 here
+        row = row + (1.0 - alpha) * mask.float() / total
+    x.mul_(row[:, None])
+    if spec.sparse:  # the top-k slots' own terms
+        ids, values = fix
+        x.scatter_add_(1, ids, values * kd_scale[:, None])
+    else:  # − α·T·w · p over the whole row (fix holds p)
+        x.sub_(fix.mul_(kd_scale[:, None]))
+    if alpha != 1.0:
+        x.scatter_add_(1, safe, -(1.0 - alpha) * mask.float()[:, None])
+    if spec.metrics:
+        return x, (kd, ce, kd if t == 1.0 else kl1, agree)
+    return x, (kd, ce, zero, zero)
+
+
+def _sparse(x: Tensor, m: Tensor, teacher: tuple, t: float):
+    """Top-k teacher: (KL per row (c,), row coefficient (c,), (ids, per-slot correction)); x → e in place."""
+    buckets, _, ids, valid = teacher  # (c, k + 1) teacher log-probs at T, (c, k) ids, (c, k) valid
+    picked = x.gather(1, ids)  # (c, k) z / T at the teacher's ids, before exp
+    x.sub_(m).exp_()  # (c, V) e
+    e_top = torch.where(valid, x.gather(1, ids), 0.0)  # (c, k) the very e values summed below (ids unique among valid slots)
+    total = x.sum(dim=-1, dtype=torch.float64)  # (c,) S, accumulated in fp64
+    rest = (total - e_top.sum(dim=-1, dtype=torch.float64)).clamp(min=0.0)  # (c,) R: no cancellation at fp32
+    log_s = torch.log(total)  # (c,) fp64
+    log_q_top = torch.where(valid, picked - m - log_s.float()[:, None], -math.inf)  # (c, k)
+    log_q_tail = torch.where(rest > 0, torch.log(rest) - log_s, -math.inf).float()  # (c,)
+    s_buckets = torch.cat([log_q_top, log_q_tail[:, None]], dim=1)  # (c, k + 1), as `student_buckets`
+    # as `sparse_divergence`: both bucket rows through log_softmax (the teacher's need not sum to 1, e.g.
+    # an invalid slot's mass is in neither its top k nor its tail), then the divergence itself
+    log_p = torch.log_softmax(buckets, dim=-1)  # (c, k + 1)
+    per_row = _kl(log_p, torch.log_softmax(s_buckets, dim=-1))  # (c,)
+    p = log_p.exp()  # (c, k + 1) teacher masses, Σ = 1
+    mass, p_tail = p.sum(dim=-1), p[:, -1]  # (c,)
+    tail_ratio = torch.where(rest > 0, p_tail.double() / rest.clamp(min=1e-300), 0.0)  # (c,) p_tail / R
+    coef = (mass.double() / total - tail_ratio).float()  # (c,) e_v · coef outside the top k
+    fix = torch.where(valid, e_top * tail_ratio.float()[:, None] - p[:, :-1], 0.0)  # (c, k): top-k slots
+    return per_row, coef, (ids, fix), total.float()
+
+
+def _dense(x: Tensor, m: Tensor, teacher: tuple, t: float):
+    """Dense teacher logits z_t (c, V): (KL per row (c,), 1 / S (c,), p (c, V) in a workspace); x → e in place.
+
+    KL = Σ p·(log p − log q) = Σ p·(y − x) + log S − log S_t with x, y the two rows shifted by their
+    maxima (log-normalisers log S, log S_t)."""
+    (z_t,) = teacher
+    y, d = _workspace(x, 2)  # (c, V) fp32 each, reused by every chunk
+    y.copy_(z_t)
+    if t != 1.0:
+        y.div_(t)  # (c, V) z_t / T
+    y.sub_(y.amax(dim=-1, keepdim=True))  # (c, V) y − max
+    x.sub_(m)
+    torch.sub(y, x, out=d)  # (c, V) log ratio up to the normalisers
+    y.exp_()  # (c, V) e_t
+    s_t = y.sum(dim=-1)  # (c,)
+    # p = 0 terms are 0 (0 · −inf is NaN here); p > 0 where q = 0 stays +inf
+    dot = d.mul_(y).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1)  # (c,) Σ e_t·(y − x)
+    x.exp_()  # (c, V) e
+    s = x.sum(dim=-1)  # (c,)
+    per_row = dot / s_t + torch.log(s) - torch.log(s_t)  # (c,)
+    return per_row, 1.0 / s, y.div_(s_t[:, None]), s  # p = e_t / S_t
+
+
+_WORK: dict = {}
+
+
+def _workspace(like: Tensor, n: int) -> list[Tensor]:
+    """n fp32 buffers shaped like `like`, kept for the next chunk (one set: the last shape asked for)."""
+    key = (tuple(like.shape), like.device)
+    if _WORK.get("key") != key:
+        _WORK.clear()  # the old set freed first
+        _WORK.update(key=key, bufs=[torch.empty_like(like, dtype=torch.float32) for _ in range(n)])
+    bufs = _WORK["bufs"]
+    if len(bufs) < n:
+        bufs += [torch.empty_like(like, dtype=torch.float32) for _ in range(n - len(bufs))]
+    return bufs[:n]
