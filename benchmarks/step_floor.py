@@ -498,9 +498,6 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (H200 bf16 dense: 989)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
-    from kdkit.utils import keep_freed_memory
-
-    keep_freed_memory()  # the heap the `kdkit` command runs with
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     names = list(SHAPES) if args.shape == "both" else [args.shape]

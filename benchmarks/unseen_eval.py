@@ -53,9 +53,7 @@ def main() -> None:
     from kdkit.recipes import generate
     from kdkit.train.loop import pick_device
     from kdkit.train.setup import load_teacher, tokenize_file
-    from kdkit.utils import keep_freed_memory
 
-    keep_freed_memory()
     worst = check_unseen(prompts_of(args.prompts))
     answers = args.work / "answers.jsonl"
     cfg = load_config(None, [f"run.dir={args.work}", "teacher.path=smollm2-135m-instruct",

@@ -437,9 +437,6 @@ def main() -> None:
     if args.one:
         import torch
 
-        from kdkit.utils import keep_freed_memory
-
-        keep_freed_memory()  # as the `kdkit` command does; in every child, TRL's too, so both get the same heap
         torch.set_num_threads(args.threads)
         print("RESULT " + json.dumps(CHILDREN[args.one](args, args.work)), flush=True)
         return

@@ -310,10 +310,7 @@ def plan_verb(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES,
 
 
 def main() -> None:
-    from kdkit.utils import keep_freed_memory
-
     logging.basicConfig(level=os.environ.get("KDKIT_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    keep_freed_memory()  # before any tensor: freed blocks are reused, not unmapped and faulted in again
     try:
         app()
     except UserError as e:

@@ -78,3 +78,20 @@ def test_generate_samples_adds_sampled_answers_per_prompt_and_resumes(tiny_confi
     assert out.read_text() == before
     manifest = json.loads((tmp_path / "gen.jsonl.manifest.json").read_text())
     assert manifest["sampling"]["samples"] == 2 and manifest["rows"] == 9
+
+
+def test_generate_samples_max_seconds_stops_rounds_and_reruns_keep_the_count(tiny_config, tmp_path):
+    """No round of sampled answers starts past generate.samples_max_seconds; the rounds done are recorded and a
+    rerun with a larger budget does exactly those (the same data, so a cache built on it stays valid)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(2)))
+    out = tmp_path / "gen.jsonl"
+    args = ["generate", tiny_config, f"generate.prompts={prompts}", f"generate.output={out}",
+            "generate.max_new_tokens=4", "generate.samples=3", "generate.samples_max_seconds=0.001"]
+    assert _kdkit(*args).returncode == 0
+    ids = sorted(json.loads(x)["id"] for x in out.read_text().splitlines())
+    assert ids == ["p0", "p0~s1", "p1", "p1~s1"]  # round 1 starts at once; round 2 would start past the budget
+    assert json.loads((tmp_path / "gen.jsonl.samples.json").read_text())["rounds"] == 1
+    args[-1] = "generate.samples_max_seconds=1000"
+    assert _kdkit(*args).returncode == 0
+    assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ids

@@ -50,6 +50,8 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert out.shape[1] > ids["input_ids"].shape[1]
     # rerunning resumes: the generated data and the finished training are reused, not redone
     gen = (run / "data" / "train.jsonl").read_text()
+    ids_written = [json.loads(line)["id"] for line in gen.splitlines()]  # 16 answers + 16 sampled ones (~s1)
+    assert len(ids_written) == 32 == len(set(ids_written)) and sum(i.endswith("~s1") for i in ids_written) == 16
     pruned_at = (run / "pruned" / "prune.json").stat().st_mtime_ns
     r2 = subprocess.run([sys.executable, "-m", "kdkit.cli", "quickstart", "--fast", "--run-dir", str(run)],
                         capture_output=True, text=True, timeout=900)

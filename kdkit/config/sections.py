@@ -239,6 +239,9 @@ class GenerateConfig(Section):
     samples: int = Field(0, ge=0, description="prompts: this many extra answers per training prompt, sampled at "
                          "`temperature`/`top_p` beside the main one (ids ID~s1, ID~s2, ...): more distinct training "
                          "sequences from the same prompts, for students that would otherwise memorise few answers")
+    samples_max_seconds: float | None = Field(None, gt=0.0, description="samples: no further round of sampled "
+                                              "answers starts after this many seconds of them (a slower machine gets "
+                                              "fewer); the rounds done are kept in OUT.samples.json, which reruns follow")
     top_logprobs: int = Field(
         0, ge=0, description="http: also store the teacher's top-k log-probs per answer token (0: off)"
     )

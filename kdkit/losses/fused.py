@@ -35,6 +35,7 @@ from .fused_chunk import Spec, chunk_grad, padded_step, step_rows
 from .fused_sparse import DenseTeacher, SparseTeacher, teacher_signal
 from .objective import IGNORE_INDEX, LossParts, _check_args
 from .reduce import normalize
+from .scratch import scratch
 
 # Bytes for a chunk's (c, V) temporaries: 336 rows at V = 49152. The student's forward GEMM
 # (c, H) @ (H, V) re-reads the whole head each chunk; on CPU it ran ~1.5x slower per row at 168 rows
@@ -83,7 +84,7 @@ class _Head:
     hidden: Tensor  # (N, H)
     weight: Tensor  # (vocab, H), already in the matmul dtype
     bias: Tensor | None  # (vocab,), in the matmul dtype
-    buffer: Tensor | None = None  # (chunk, V) fp32, reused by every chunk: no allocation (or page faults) per chunk
+    name: str = "student"  # its scratch buffers' names (kdkit.losses.scratch): reused by every chunk and step
 
     def chunk(self, rows: Tensor | slice, chunk_size: int) -> tuple[Tensor]:
         """The chunk's logits as a teacher chunk: (z (c, V) fp32,)."""
@@ -92,11 +93,15 @@ class _Head:
     def logits(self, rows: Tensor | slice, chunk_size: int) -> tuple[Tensor, Tensor]:
         """The chunk's hidden rows (c, H) in the matmul dtype and its logits (c, V) fp32."""
         h = self.hidden[rows].to(self.weight.dtype)  # (c, H)
-        if self.buffer is None:
-            self.buffer = h.new_empty((chunk_size, self.weight.shape[0]), dtype=torch.float32)
-        out = self.buffer[: h.shape[0]]  # (c, V) contiguous view
+        c, v = h.shape[0], self.weight.shape[0]
+        scratch(f"{self.name}-logits", chunk_size, v, torch.float32, h.device)  # sized once for the full chunk
+        out = scratch(f"{self.name}-logits", c, v, torch.float32, h.device)  # (c, V) contiguous view
         if self.weight.dtype != torch.float32:  # low-precision GEMM, then upcast into the buffer
-            z = h @ self.weight.t() if self.bias is None else torch.addmm(self.bias, h, self.weight.t())
+            z = scratch(f"{self.name}-logits-lowp", c, v, self.weight.dtype, h.device)  # (c, V)
+            if self.bias is None:
+                torch.mm(h, self.weight.t(), out=z)
+            else:
+                torch.addmm(self.bias, h, self.weight.t(), out=z)
             return h, out.copy_(z)
         if self.bias is None:
             return h, torch.mm(h, self.weight.t(), out=out)
@@ -128,7 +133,9 @@ class _Grads:
 
     def add_chunk(self, g: Tensor, h: Tensor, rows, head: _Head) -> None:
         """Fold one chunk's d/d logits g (c, V) fp32 into the accumulators; h (c, H) matmul dtype."""
-        g_mm = g.to(head.weight.dtype)  # (c, V); no copy in fp32
+        g_mm = g  # (c, V); no copy in fp32
+        if head.weight.dtype != g.dtype:
+            g_mm = scratch("grad-logits-lowp", *g.shape, head.weight.dtype, g.device).copy_(g)
         if self.hidden is not None:
             self.hidden[rows] = (g_mm @ head.weight).to(self.hidden.dtype)  # (c, H)
         if self.weight is not None:
@@ -136,10 +143,12 @@ class _Grads:
             if g_mm.dtype == torch.float32:
                 # += gᵀ @ h in place, (V, c) @ (c, H); beta = 0 on the first chunk (no zero fill)
                 target.addmm_(g_mm.t(), h, beta=1.0 if self.written else 0.0)
-            elif self.written:  # low-precision GEMM (fp32 accumulation inside it), summed in fp32
-                target.add_(g_mm.t() @ h)
-            else:
-                target.copy_(g_mm.t() @ h)
+            else:  # low-precision GEMM (fp32 accumulation inside it), summed in fp32
+                part = torch.mm(g_mm.t(), h, out=scratch("grad-weight-lowp", *target.shape, g_mm.dtype, g.device))
+                if self.written:
+                    target.add_(part)
+                else:
+                    target.copy_(part)
         self.written = True
         if self.bias is not None:
             self.bias[: self.vocab].add_(g.sum(dim=0))  # (V,)
@@ -241,6 +250,7 @@ def _teacher(hidden, weight, bias, signal, spec: Spec, *, n: int, vocab: int, mm
         hidden.detach(),
         weight.detach()[:vocab].to(dtype),  # (V, H_t)
         None if bias is None else bias.detach()[:vocab].to(dtype),
+        name="teacher",  # its own scratch buffers, apart from the student's
     )
 
 
@@ -321,11 +331,11 @@ def fused_distill_loss(
                        mm_dtype=matmul_dtype, capture_temperature=capture_temperature,
                        device=student_hidden.device)
     mm_dtype = matmul_dtype or student_weight.dtype
-    student = _Head(
-        student_hidden.detach(),
-        student_weight.detach()[:vocab].to(mm_dtype),  # (V, H); a view unless the dtype changes
-        None if student_bias is None else student_bias.detach()[:vocab].to(mm_dtype),
-    )
+    w = student_weight.detach()[:vocab]  # (V, H) view
+    if w.dtype != mm_dtype:  # cast into a buffer kept from step to step
+        w = scratch("student-weight-lowp", *w.shape, mm_dtype, w.device).copy_(w)
+    student = _Head(student_hidden.detach(), w,
+                    None if student_bias is None else student_bias.detach()[:vocab].to(mm_dtype))
     count = (labels != IGNORE_INDEX).sum() if num_tokens is None else num_tokens
     free = free_memory(student_hidden.device) if chunk_size is None and memory_budget_bytes is None else None
     chunk = chunk_size or auto_chunk_size(vocab, memory_budget_bytes=memory_budget_bytes, free_bytes=free)

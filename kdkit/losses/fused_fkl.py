@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .divergences import _kl
 from .reduce import masked_sum
+from .scratch import scratch
 
 IGNORE_INDEX = -100
 
@@ -114,7 +115,8 @@ def _dense(x: Tensor, m: Tensor, teacher: tuple, t: float):
     KL = Σ p·(log p − log q) = Σ p·(y − x) + log S − log S_t with x, y the two rows shifted by their
     maxima (log-normalisers log S, log S_t)."""
     (z_t,) = teacher
-    y, d = _workspace(x, 2)  # (c, V) fp32 each, reused by every chunk
+    y = scratch("fkl-teacher", *x.shape, torch.float32, x.device)  # (c, V) fp32, reused
+    d = scratch("fkl-ratio", *x.shape, torch.float32, x.device)  # (c, V) fp32, reused
     y.copy_(z_t)
     if t != 1.0:
         y.div_(t)  # (c, V) z_t / T
@@ -129,18 +131,3 @@ def _dense(x: Tensor, m: Tensor, teacher: tuple, t: float):
     s = x.sum(dim=-1)  # (c,)
     per_row = dot / s_t + torch.log(s) - torch.log(s_t)  # (c,)
     return per_row, 1.0 / s, y.div_(s_t[:, None]), s  # p = e_t / S_t
-
-
-_WORK: dict = {}
-
-
-def _workspace(like: Tensor, n: int) -> list[Tensor]:
-    """n fp32 buffers shaped like `like`, kept for the next chunk (one set: the last shape asked for)."""
-    key = (tuple(like.shape), like.device)
-    if _WORK.get("key") != key:
-        _WORK.clear()  # the old set freed first
-        _WORK.update(key=key, bufs=[torch.empty_like(like, dtype=torch.float32) for _ in range(n)])
-    bufs = _WORK["bufs"]
-    if len(bufs) < n:
-        bufs += [torch.empty_like(like, dtype=torch.float32) for _ in range(n - len(bufs))]
-    return bufs[:n]

@@ -36,6 +36,7 @@ from kdkit.teacher.generate import done_ids, generate_answers
 from kdkit.teacher.http import ChatClient, common_model, generate_answers_http
 from kdkit.teacher.vllm_engine import generate_answers_vllm, hf_directory, load_engine, require_vllm
 from kdkit.train.setup import forward_teacher, load_teacher
+from kdkit.utils import atomic_json
 
 
 def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
@@ -151,10 +152,26 @@ def _answer_prompts(cfg: Config, complete, *, source: dict, decision: dict, samp
     for split, (_, _, out) in jobs.items():
         outputs[split] = complete(examples[split], out)
         if split == "train" and gc.samples:
-            extra = [replace(e, id=f"{e.id}~s{j}") for j in range(1, gc.samples + 1) for e in examples[split]]
-            sampled(extra, out)  # appended; a rerun skips the ids already written
+            _sample_rounds(gc, sampled, examples[split], out)
         _write_manifest(out, source=source, decision=decision, cfg=cfg, prompts=len(examples[split]))
     return outputs
+
+
+def _sample_rounds(gc, sampled, examples: list, out: Path) -> int:
+    """generate.samples rounds of sampled answers (round j: ids ID~sj), appended to `out`. With
+    `samples_max_seconds` no round starts after that many seconds; the rounds done are written to
+    OUT.samples.json, and a rerun does exactly those (the same data, so the same cache)."""
+    record = out.with_name(out.name + ".samples.json")
+    rounds = json.loads(record.read_text())["rounds"] if record.exists() else gc.samples
+    started = time.perf_counter()
+    for j in range(1, rounds + 1):
+        if not record.exists() and gc.samples_max_seconds and time.perf_counter() - started >= gc.samples_max_seconds:
+            rounds = j - 1  # this machine's share of sampled answers
+            break
+        sampled([replace(e, id=f"{e.id}~s{j}") for e in examples], out)  # a rerun skips the ids already written
+    if not record.exists():
+        atomic_json(record, {"rounds": rounds, "asked": gc.samples, "max_seconds": gc.samples_max_seconds})
+    return rounds
 
 
 def _sampling(cfg: Config) -> dict:
