@@ -226,8 +226,10 @@ def test_fused_implementation_matches_dense_in_training(tiny_config):
                          precision="fp32")
         results.append((out, {n: p.grad.clone() for n, p in student.named_parameters()}))
     (dense, g_dense), (fused, g_fused) = results
-    assert fused["loss"] == pytest.approx(dense["loss"], rel=1e-5)
-    assert fused["kl"] == pytest.approx(dense["kl"], rel=1e-5)
+    # fused forward KL runs in closed form (fused_fkl), dense through torch.func: for a KL of ~6e-4 each is
+    # within ~1e-4 (relative) of fp64, fp32's rounding of the log-ratios, so they agree to 2e-4, not 1e-5
+    assert fused["loss"] == pytest.approx(dense["loss"], rel=2e-4)
+    assert fused["kl"] == pytest.approx(dense["kl"], rel=2e-4)
     assert fused["top1"] == dense["top1"] > 0  # progress metrics computed per chunk on the fused path
     for name in g_dense:
         torch.testing.assert_close(g_fused[name], g_dense[name], rtol=1e-4, atol=1e-6)

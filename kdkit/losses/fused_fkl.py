@@ -110,24 +110,22 @@ def _sparse(x: Tensor, m: Tensor, teacher: tuple, t: float):
 
 
 def _dense(x: Tensor, m: Tensor, teacher: tuple, t: float):
-    """Dense teacher logits z_t (c, V): (KL per row (c,), 1 / S (c,), p (c, V) in a workspace); x → e in place.
-
-    KL = Σ p·(log p − log q) = Σ p·(y − x) + log S − log S_t with x, y the two rows shifted by their
-    maxima (log-normalisers log S, log S_t)."""
+    """Dense teacher logits z_t (c, V): (KL per row (c,), 1 / S (c,), p (c, V) in a scratch buffer, S (c,));
+    x → e in place. The value is Σ p·(log p − log q) term by term (accurate for small KL; a difference of
+    log-normalisers would lose it to rounding); the gradient is e / S − p."""
     (z_t,) = teacher
-    y = scratch("fkl-teacher", *x.shape, torch.float32, x.device)  # (c, V) fp32, reused
-    d = scratch("fkl-ratio", *x.shape, torch.float32, x.device)  # (c, V) fp32, reused
+    y = scratch("fkl-teacher", *x.shape, torch.float32, x.device)  # (c, V) fp32 buffers, reused
+    e = scratch("fkl-exp", *x.shape, torch.float32, x.device)
+    w = scratch("fkl-terms", *x.shape, torch.float32, x.device)
     y.copy_(z_t)
     if t != 1.0:
         y.div_(t)  # (c, V) z_t / T
-    y.sub_(y.amax(dim=-1, keepdim=True))  # (c, V) y − max
-    x.sub_(m)
-    torch.sub(y, x, out=d)  # (c, V) log ratio up to the normalisers
-    y.exp_()  # (c, V) e_t
-    s_t = y.sum(dim=-1)  # (c,)
-    # p = 0 terms are 0 (0 · −inf is NaN here); p > 0 where q = 0 stays +inf
-    dot = d.mul_(y).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1)  # (c,) Σ e_t·(y − x)
+    y.sub_(y.amax(dim=-1, keepdim=True))  # (c, V) teacher logits − max
+    x.sub_(m)  # (c, V) student logits − max
+    s = torch.exp(x, out=e).sum(dim=-1)  # (c,) S
+    s_t = torch.exp(y, out=e).sum(dim=-1)  # (c,) S_t; e holds e_t from here
+    y.sub_(x).sub_((torch.log(s_t) - torch.log(s))[:, None])  # (c, V) log p − log q
+    # p = 0 terms are 0 (0 · ±inf is NaN here); p > 0 where q = 0 stays +inf
+    per_row = torch.mul(e, y, out=w).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1) / s_t
     x.exp_()  # (c, V) e
-    s = x.sum(dim=-1)  # (c,)
-    per_row = dot / s_t + torch.log(s) - torch.log(s_t)  # (c,)
-    return per_row, 1.0 / s, y.div_(s_t[:, None]), s  # p = e_t / S_t
+    return per_row, 1.0 / s, e.div_(s_t[:, None]), s  # p = e_t / S_t

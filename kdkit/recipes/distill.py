@@ -17,7 +17,7 @@ from kdkit.signal import Provenance
 from kdkit.teacher.cache import CacheReader, cache_signal_fn, dataset_hash
 from kdkit.teacher.cross_tokenizer import cross_tokenizer_signal_fn
 from kdkit.teacher.modes import mode_signal
-from kdkit.teacher.online import hold_in, online_signal_fn
+from kdkit.teacher.online import online_signal_fn
 from kdkit.train.dist import init as dist_init
 from kdkit.train.dist import prepare_teacher
 from kdkit.train.features import feature_plugins
@@ -49,7 +49,8 @@ def signal_source(cfg: Config, teacher, tok, student, train):
         return cache_signal_fn(reader, expected=expected, data_hash=dataset_hash(train)), vocab
     vocab = shared_vocab_size(teacher.tokenizer, tok, head_rows(teacher.model), head_rows(student))
     device = pick_device(cfg.train.device)
-    held = hold_in(teacher.model, teacher_dtype(cfg, device))  # bf16 runs: weights cast once, not every step
+    # bf16 runs: a bf16 copy, cast once (not every step); teacher.model stays as loaded, for evaluation
+    held = teacher.held(teacher_dtype(cfg, device), device)
     model = prepare_teacher(held, dist_init(cfg.train.distributed), cfg.train, device)
     return online_signal_fn(model, vocab=vocab, provenance=teacher.provenance(cfg.loss.temperature),
                             lazy=cfg.loss.implementation == "fused"), vocab
