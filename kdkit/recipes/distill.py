@@ -56,6 +56,15 @@ def signal_source(cfg: Config, teacher, tok, student, train):
                             lazy=cfg.loss.implementation == "fused"), vocab
 
 
+def _hooked_teacher(cfg: Config, teacher):
+    """What hidden/attention distillation hooks: the module the online signal runs (`Teacher.held`, a bf16
+    copy in bf16 runs), else the Teacher itself (loaded only if needed)."""
+    if cfg.features.enabled and cfg.teacher.signal == "online" and not cfg.modes.cross_tokenizer.enabled:
+        device = pick_device(cfg.train.device)
+        return teacher.held(teacher_dtype(cfg, device), device)
+    return teacher
+
+
 def with_modes(cfg: Config, plugins: Plugins, signal_fn, *, teacher, tok, student, vocab: int):
     """The signal function and plugins of the training modes in `cfg.modes` (all off by default)."""
     self_teacher = self_distill_teacher(cfg, student, plugins)  # before any hook lands on the student
@@ -108,7 +117,7 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
         student = apply_lora(student, cfg.student.lora)
     plugins = Plugins()  # training modes and auxiliary objectives add themselves here
     signal_fn = with_modes(cfg, plugins, signal_fn, teacher=teacher, tok=tok, student=student, vocab=vocab)
-    signal_fn, features = feature_plugins(cfg, teacher, student, signal_fn, plugins)  # hidden/attention KD
+    signal_fn, features = feature_plugins(cfg, _hooked_teacher(cfg, teacher), student, signal_fn, plugins)  # hidden/attention KD
 
     # ---- loop
     result = distill(student, signal_fn, train, cfg, run_dir=run_dir, vocab=vocab, pad_id=tok.pad_token_id,
