@@ -94,8 +94,7 @@ class _Head:
         """The chunk's hidden rows (c, H) in the matmul dtype and its logits (c, V) fp32."""
         h = self.hidden[rows].to(self.weight.dtype)  # (c, H)
         c, v = h.shape[0], self.weight.shape[0]
-        scratch(f"{self.name}-logits", chunk_size, v, torch.float32, h.device)  # sized once for the full chunk
-        out = scratch(f"{self.name}-logits", c, v, torch.float32, h.device)  # (c, V) contiguous view
+        out = scratch(f"{self.name}-logits", chunk_size, v, torch.float32, h.device)[:c]  # (c, V) contiguous view
         if self.weight.dtype != torch.float32:  # low-precision GEMM, then upcast into the buffer
             z = scratch(f"{self.name}-logits-lowp", c, v, self.weight.dtype, h.device)  # (c, V)
             if self.bias is None:

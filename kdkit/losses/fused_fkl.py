@@ -28,10 +28,9 @@ import torch
 from torch import Tensor
 
 from .divergences import _kl
+from .objective import IGNORE_INDEX
 from .reduce import masked_sum
 from .scratch import scratch
-
-IGNORE_INDEX = -100
 
 
 def applies(spec) -> bool:

@@ -24,7 +24,3 @@ def scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torc
         buf = _BUFFERS[name] = torch.empty((rows, cols), dtype=dtype, device=device)
     return buf[:rows]
 
-
-def release() -> None:
-    """Free every scratch buffer (e.g. before evaluation, or in tests)."""
-    _BUFFERS.clear()
