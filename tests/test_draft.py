@@ -164,7 +164,7 @@ def test_pipeline_drafts_for_the_student_it_made(tiny_config, tmp_path):
     held = tmp_path / "eval.jsonl"  # tiny_config's held-out rows
     cfg = load_config(tiny_config, ["train.max_steps=2", "train.save_every=0", "eval.speed=false",
                                     "draft.pipeline=true", "draft.num_layers=1", f"draft.prompts={tmp_path / 'train.jsonl'}",
-                                    "draft.prompts_limit=8", "draft.answer_tokens=8", f"draft.heldout={held}",
+                                    "draft.prompts_limit=8", "draft.answer_tokens=8", "draft.samples=1", f"draft.heldout={held}",
                                     "draft.train.max_steps=2", "draft.train.threads=1", "draft.eval_every=0",
                                     "draft.gammas=[1]", "draft.gamma_prompts=1", "draft.speed_prompts=1",
                                     "draft.new_tokens=6", "draft.threads=1"])
@@ -173,3 +173,6 @@ def test_pipeline_drafts_for_the_student_it_made(tiny_config, tmp_path):
     assert f"**Target:** `{student}`" in (Path(cfg.run.dir) / "draft" / "draft" / "README.md").read_text()
     assert out["draft"]["speculative"]["final"]["identical"] == 1
     assert "with its draft" in out["table"] and "## Speculative decoding" in (Path(cfg.run.dir) / "report.md").read_text()
+    # the target's fixed data: a greedy answer and one sampled answer (draft.samples=1) per prompt
+    ids = [json.loads(line)["id"] for line in (Path(cfg.run.dir) / "draft" / "data" / "train.jsonl").open()]
+    assert len(ids) == 16 and len(set(ids)) == 16 and sum(i.endswith("~s1") for i in ids) == 8

@@ -48,6 +48,11 @@ class DraftConfig(Section):
     prompts: str | None = Field(None, description="prompts the target answers (null: kdkit's packaged training prompts)")
     prompts_limit: int | None = Field(None, ge=1, description="answer only the first N prompts")
     answer_tokens: int = Field(96, ge=1, description="tokens per target answer of the fixed data")
+    answer_batch: int = Field(32, ge=1, description="prompts per batch when the target writes the fixed data")
+    samples: int = Field(
+        0, ge=0, description="fixed data: this many more answers per prompt, sampled at `sample_temperature` "
+        "(ids ID~s1, ...): more prefixes where the target's greedy next token is learnt, against memorising")
+    sample_temperature: float = Field(0.7, gt=0.0, description="temperature of the `samples` answers")
     heldout: str | None = Field(
         None, description="held-out prompts for acceptance and speed (null: kdkit's packaged held-out prompts)")
     eval_every: int = Field(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from kdkit.teacher.generate import generate_answers
 from kdkit.teacher.online import online_signal_fn
 from kdkit.train.loop import Plugins, distill, pick_device
 from kdkit.train.modes import add_mode_plugins
-from kdkit.train.setup import load_teacher, save_student, tokenize_file
+from kdkit.train.setup import forward_teacher, load_teacher, save_student, tokenize_file
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "instructions"  # packaged prompts
@@ -85,14 +86,22 @@ def target_of(cfg: Config, *, teacher=None, target: str | Path | None = None):
 
 
 def fixed_data(cfg: Config, target, run_dir: Path) -> Path:
-    """draft.data, or the target's greedy answers to draft.prompts (resumable: answered ids are kept)."""
+    """draft.data, or the target's greedy answers to draft.prompts plus `draft.samples` sampled answers
+    per prompt (ids ID~sJ), by the target as the draft's run holds it (bf16 where it computes in bf16).
+    Resumable: answered ids are kept."""
     d = cfg.draft
     if d.data:
         return Path(d.data)
     prompts = load_examples(d.prompts or ASSETS / "train.jsonl")[:d.prompts_limit]
-    model = target.model.to(pick_device(d.train.device))
-    return generate_answers(model, target.tokenizer, prompts, run_dir / "data" / "train.jsonl",
-                            max_new_tokens=d.answer_tokens, batch_size=16)
+    model = forward_teacher(cfg.model_copy(update={"train": d.train}), target)
+    out = run_dir / "data" / "train.jsonl"
+    generate_answers(model, target.tokenizer, prompts, out, max_new_tokens=d.answer_tokens,
+                     batch_size=d.answer_batch)
+    for j in range(1, d.samples + 1):  # more prefixes the target's greedy next token is known at
+        generate_answers(model, target.tokenizer, [replace(e, id=f"{e.id}~s{j}") for e in prompts], out,
+                         max_new_tokens=d.answer_tokens, batch_size=d.answer_batch, do_sample=True,
+                         temperature=d.sample_temperature, seed=d.train.seed + j)
+    return out
 
 
 def init_draft(cfg: Config, target, train, *, pad_id: int):
@@ -201,7 +210,7 @@ def run(cfg: Config, *, resume: bool = False, teacher=None, target: str | Path |
     draft, init = init_draft(cfg, tgt, train, pad_id=tok.pad_token_id)
     vocab = shared_vocab_size(tok, tok, head_rows(tgt.model), head_rows(draft))
     device = pick_device(lcfg.train.device)
-    signal_fn = online_signal_fn(tgt.model.to(device), vocab=vocab, provenance=tgt.provenance(),
+    signal_fn = online_signal_fn(forward_teacher(lcfg, tgt), vocab=vocab, provenance=tgt.provenance(),
                                  lazy=lcfg.loss.implementation == "fused")
     plugins = add_mode_plugins(Plugins(), lcfg, draft, vocab=vocab, pad_id=tok.pad_token_id,
                                eos_id=tok.eos_token_id)  # on-policy: the draft's own continuations
