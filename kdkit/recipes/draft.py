@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from kdkit.models.license import gate_from_config, license_card_lines
 from kdkit.models.load import count_parameters, head_rows, shared_vocab_size, student_from_layers, uniform_layers
 from kdkit.prune.depth import prune_depth
 from kdkit.prune.importance import compute_importance
-from kdkit.teacher.generate import generate_answers
+from kdkit.teacher.generate import generate_answers, sampled_round
 from kdkit.teacher.online import online_signal_fn
 from kdkit.train.loop import Plugins, distill, pick_device
 from kdkit.train.modes import add_mode_plugins
@@ -98,7 +97,7 @@ def fixed_data(cfg: Config, target, run_dir: Path) -> Path:
     generate_answers(model, target.tokenizer, prompts, out, max_new_tokens=d.answer_tokens,
                      batch_size=d.answer_batch)
     for j in range(1, d.samples + 1):  # more prefixes the target's greedy next token is known at
-        generate_answers(model, target.tokenizer, [replace(e, id=f"{e.id}~s{j}") for e in prompts], out,
+        generate_answers(model, target.tokenizer, sampled_round(prompts, j), out,
                          max_new_tokens=d.answer_tokens, batch_size=d.answer_batch, do_sample=True,
                          temperature=d.sample_temperature, seed=d.train.seed + j)
     return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from kdkit.config import Config, save_config
@@ -32,7 +31,7 @@ from kdkit.models.license import gate_from_config, license_from_url
 from kdkit.models.load import read_license, resolve
 from kdkit.teacher.dataset import write_dataset
 from kdkit.teacher.elicit import run_task
-from kdkit.teacher.generate import done_ids, generate_answers
+from kdkit.teacher.generate import done_ids, generate_answers, sampled_round
 from kdkit.teacher.http import ChatClient, common_model, generate_answers_http
 from kdkit.teacher.vllm_engine import generate_answers_vllm, hf_directory, load_engine, require_vllm
 from kdkit.train.setup import forward_teacher, load_teacher
@@ -168,7 +167,7 @@ def _sample_rounds(gc, sampled, examples: list, out: Path) -> int:
         if not record.exists() and gc.samples_max_seconds and time.perf_counter() - started >= gc.samples_max_seconds:
             rounds = j - 1  # this machine's share of sampled answers
             break
-        sampled([replace(e, id=f"{e.id}~s{j}") for e in examples], out)  # a rerun skips the ids already written
+        sampled(sampled_round(examples, j), out)  # a rerun skips the ids already written
     if not record.exists():
         atomic_json(record, {"rounds": rounds, "asked": gc.samples, "max_seconds": gc.samples_max_seconds})
     return rounds

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -78,6 +79,11 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
     return out_path
+
+
+def sampled_round(examples: list[Example], j: int) -> list[Example]:
+    """Round j of extra sampled answers to the same prompts: the examples under ids ID~sj."""
+    return [replace(e, id=f"{e.id}~s{j}") for e in examples]
 
 
 class GumbelMax(LogitsProcessor):
