@@ -351,3 +351,24 @@ def test_time_budget_probes_the_warm_up_then_replans_at_the_steady_rate(tmp_path
     assert now[0] == pytest.approx(400.0, abs=2.0)  # the budget is used, not 20% of it left
     again = loop.TimeBudget(SimpleNamespace(max_seconds=400.0, max_steps=1000, warmup_steps=6), tmp_path, resume=True)
     assert again.tc.max_steps == 176 and not again.pending  # a resumed run keeps the count
+
+
+def test_online_bf16_teacher_frees_its_fp32_weights_while_training(tiny_config, monkeypatch):
+    """An online signal from the teacher's bf16 copy: the fp32 weights as loaded are freed for training
+    (two thirds of the teacher's memory) and loaded again for evaluation, which still compares with them."""
+    cfg = load_config(tiny_config, ["train.max_steps=3", "train.save_every=0", "teacher.dtype=bf16"])
+    teacher = load_teacher(cfg)
+    fp32 = _params(teacher.model)
+    seen = {}
+    inner = distill.distill
+
+    def spy(*a, **k):
+        seen["loaded"], seen["held"] = teacher._model, teacher._held
+        return inner(*a, **k)
+
+    monkeypatch.setattr(distill, "distill", spy)
+    out = distill.run(cfg, teacher=teacher)
+    assert seen["loaded"] is None and seen["held"][0] == torch.bfloat16  # training held the bf16 copy only
+    assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in fp32.items())  # evaluation: fp32 again
+    assert out["metrics"]["teacher"]["kl_to_teacher"] == 0.0 and out["metrics"]["teacher"]["top1_agreement"] == 1.0
+    assert teacher.held(torch.bfloat16, torch.device("cpu")) is seen["held"][2]  # the copy kept, not re-made

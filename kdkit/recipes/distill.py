@@ -120,6 +120,9 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
     signal_fn, features = feature_plugins(cfg, _hooked_teacher(cfg, teacher), student, signal_fn, plugins)  # hidden/attention KD
 
     # ---- loop
+    if cfg.teacher.signal == "online" and teacher.release_loaded():  # evaluation loads them again
+        log.info("the teacher's weights as loaded freed for training: its %s copy computes the signal",
+                 str(teacher_dtype(cfg, pick_device(cfg.train.device))).removeprefix("torch."))
     result = distill(student, signal_fn, train, cfg, run_dir=run_dir, vocab=vocab, pad_id=tok.pad_token_id,
                      resume=resume, plugins=plugins)
     if features:  # unhook both models; RUN_DIR/projector.safetensors, never part of the student

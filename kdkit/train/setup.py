@@ -50,13 +50,23 @@ class Teacher:
         """The teacher for forward-only work (generation, the signal cache) in the run's compute dtype on its
         device: `model` itself where that already matches, else a copy cast once and kept, so that
         evaluation still compares every student with the teacher's own fp32 weights."""
+        if self._held is not None and self._held[:2] == (dtype, device):
+            return self._held[2]  # without `model`: the weights as loaded may have been released
         model = self.model
         if model.dtype == dtype and model.device == device:
             return model
-        if self._held is None or self._held[:2] != (dtype, device):
-            self._held = None  # the old copy freed before the new one is made
-            self._held = (dtype, device, M.contiguous_head(copy.deepcopy(model).to(device=device, dtype=dtype)))
+        self._held = None  # the old copy freed before the new one is made
+        self._held = (dtype, device, M.contiguous_head(copy.deepcopy(model).to(device=device, dtype=dtype)))
         return self._held[2]
+
+    def release_loaded(self) -> bool:
+        """Free the weights as loaded while only the held copy computes (an online signal in bf16: the
+        fp32 weights are two thirds of the teacher's memory, idle all through training); `model` loads
+        them again when evaluation asks. False, and nothing freed, where there is no separate held copy."""
+        if self._held is None or self._model is None:
+            return False
+        self._model = None
+        return True
 
     def weights_hash(self, like: str = "") -> str:
         """The teacher's weights as a content hash (kdkit.models.fingerprint), of the kind of `like`
