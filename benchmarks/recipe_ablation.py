@@ -30,7 +30,8 @@ ROWS = {  # name → overrides of the quickstart recipe
     "init=depth": ["prune.method=depth"],
     "init=width": ["prune.method=width"],  # = default (the quickstart prunes width); not run unless named
     "init=both": ["prune.method=both"],
-    "data=160": ["@rows=160"],
+    "data=160": ["@rows=160"],  # the first N of the teacher's answers (one per prompt, in the file's order)
+    "data=320": ["@rows=320"],  # the 320 instructions the quickstart shipped before the 1,583
     "signal=online": ["teacher.signal=online"],
     "loss=reverse_kl": ["loss.divergence=reverse_kl"],
     "loss=jsd": ["loss.divergence=jsd", "loss.beta=0.5"],

@@ -4,7 +4,7 @@
     python benchmarks/unseen_eval.py runs/quickstart/student --prompts my_prompts.jsonl --work runs/unseen
 
 The 40 instructions in benchmarks/data/unseen_prompts.jsonl were written for this check: none is among the
-quickstart's 320 training or 48 held-out instructions, nor a MinHash near-duplicate of one (checked here
+quickstart's 1,583 training or 48 held-out instructions, nor a MinHash near-duplicate of one (checked here
 before anything runs, estimated Jaccard < 0.5). The teacher answers them greedily (`kdkit generate`'s
 writer), then `kdkit eval`'s metrics compare the student with the teacher on those answers: KL(teacher ‖
 student), top-1 agreement and cross-entropy, with the untrained uniform 10-layer baseline for the CE gap.
