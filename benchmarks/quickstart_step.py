@@ -33,10 +33,12 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--every", type=int, default=10)
-    args = ap.parse_args()
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.group_by_length=16")
+    args = ap.parse_intermixed_args()
 
     from kdkit.config import load_config
     from kdkit.losses import fused_distill_loss
+    from kdkit.models.attention import train_attention
     from kdkit.models.forward import decoder_hidden, decoder_mask, supervised_rows, with_host_plan
     from kdkit.recipes.distill import signal_source
     from kdkit.train.loop import autocast, compute_dtype, micro_batches, optimizer_step, train_step
@@ -44,18 +46,20 @@ def main() -> None:
     from kdkit.train.setup import build_student, load_teacher, tokenize_file
 
     cfg = load_config(args.run_dir / "config.yaml", [f"run.dir={args.run_dir / 'bench'}",
-                                                     f"teacher.cache_dir={args.run_dir / 'cache'}"])
+                                                     f"teacher.cache_dir={args.run_dir / 'cache'}", *args.overrides])
     teacher = load_teacher(cfg)
     student, tok, _ = build_student(cfg, teacher)
     train = tokenize_file(cfg.data.train, tok, cfg, key="data.train")
     signal_fn, vocab = signal_source(cfg, teacher, tok, student, train)
+    train_attention(student)  # as `kdkit distill` does
     student.train()
     opt, sched = build_optimizer(student, cfg.train)
     tc, device = cfg.train, torch.device("cpu")
     print(f"precision {compute_dtype(device, tc.precision)}, batch {tc.batch_size}, {len(train.ids)} examples")
 
     def batches(i):
-        return micro_batches(train, i, batch_size=tc.batch_size, grad_accum=1, seed=tc.seed, pad_id=tok.pad_token_id)
+        return micro_batches(train, i, batch_size=tc.batch_size, grad_accum=1, seed=tc.seed, pad_id=tok.pad_token_id,
+                            group_by_length=tc.group_by_length)
 
     t0, tokens = time.perf_counter(), 0
     for i in range(args.steps):

@@ -327,30 +327,39 @@ def test_run_max_seconds_gives_training_what_the_pipeline_left(tiny_config):
 
 def test_time_budget_probes_the_warm_up_then_replans_at_the_steady_rate(tmp_path, monkeypatch):
     """Slow first steps (10 s) then fast ones (2 s): the probe over the warm-up plans for 10 s/step, the
-    re-plan a third of the way through the rest extends the run to what the budget fits at 2 s/step."""
+    re-plan a third of the way through the rest extends the run to what the budget fits at 2 s/step; steps
+    that slow down later (2.4 s from step 100 on) are caught by the re-plans half-way through each rest."""
     from types import SimpleNamespace
 
     from kdkit.train import loop
     from kdkit.train.dist import DistContext
 
-    now = [0.0]
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
-    tc = SimpleNamespace(max_seconds=400.0, max_steps=1000, warmup_steps=6)
-    budget = loop.TimeBudget(tc, tmp_path, resume=False)
-    budget.start()
-    done, ctx = 0, DistContext()
-    while done < tc.max_steps:
-        now[0] += 10.0 if done < 6 else 2.0
-        done += 1
-        budget.after_step(done, ctx, main=True)
-        if done == 6:  # the probe, steps 2..6 at 10 s: (400 - 60) / 10 more
-            assert tc.max_steps == 6 + 34
-    # re-planned at step 6 + 34 // 3 = 17 (82 s spent): (400 - 82) / 2 = 159 more steps
-    assert done == tc.max_steps == 17 + 159
-    assert json.loads((tmp_path / "budget.json").read_text())["at_step"] == 17
-    assert now[0] == pytest.approx(400.0, abs=2.0)  # the budget is used, not 20% of it left
+    def run(slow_from: int):
+        now = [0.0]
+        monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+        tc = SimpleNamespace(max_seconds=400.0, max_steps=1000, warmup_steps=6)
+        budget = loop.TimeBudget(tc, tmp_path, resume=False)
+        budget.start()
+        done, ctx, plans = 0, DistContext(), []
+        while done < tc.max_steps:
+            now[0] += 10.0 if done < 6 else 2.0 if done < slow_from else 2.4
+            done += 1
+            budget.after_step(done, ctx, main=True)
+            plans.append(tc.max_steps)
+            if done == 6:  # the probe, steps 2..6 at 10 s: (400 - 60) / 10 more
+                assert tc.max_steps == 6 + 34
+            if done == 17:  # re-planned at step 6 + 34 // 3 = 17 (82 s spent): (400 - 82) / 2 = 159 more steps
+                assert tc.max_steps == 17 + 159
+        return done, now[0], plans
+
+    done, spent, plans = run(slow_from=10**6)
+    assert done == 176 and set(plans[16:]) == {176}  # a steady rate: later re-plans keep the count
+    assert spent == pytest.approx(400.0, abs=2.0)  # the budget is used, not 20% of it left
+    assert json.loads((tmp_path / "budget.json").read_text())["at_step"] == 156  # 17, 96, 136, 156
     again = loop.TimeBudget(SimpleNamespace(max_seconds=400.0, max_steps=1000, warmup_steps=6), tmp_path, resume=True)
     assert again.tc.max_steps == 176 and not again.pending  # a resumed run keeps the count
+    done, spent, _ = run(slow_from=100)
+    assert done < 176 and 397.6 <= spent <= 400.0 + 2.4  # fewer steps, the budget kept to within a step
 
 
 def test_online_bf16_teacher_frees_its_fp32_weights_while_training(tiny_config, monkeypatch):
@@ -372,3 +381,31 @@ def test_online_bf16_teacher_frees_its_fp32_weights_while_training(tiny_config, 
     assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in fp32.items())  # evaluation: fp32 again
     assert out["metrics"]["teacher"]["kl_to_teacher"] == 0.0 and out["metrics"]["teacher"]["top1_agreement"] == 1.0
     assert teacher.held(torch.bfloat16, torch.device("cpu")) is seen["held"][2]  # the copy kept, not re-made
+
+
+def test_length_grouped_batches_pad_less_cover_the_stream_and_are_a_pure_function_of_the_step():
+    from collections import Counter
+
+    from kdkit.data.render import TokenizedData
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 120, (203,), generator=g).tolist()
+    data = TokenizedData(ids=[f"e{i}" for i in range(203)], input_ids=[[7] * n for n in lengths],
+                         labels=[[3] * n for n in lengths], dropped={}, total=203)
+
+    def run(group, steps):
+        return [micro_batches(data, s, batch_size=4, grad_accum=2, seed=1, pad_id=0, group_by_length=group)
+                for s in range(steps)]
+
+    def padding(steps):
+        real = sum(int(b["attention_mask"].sum()) for st in steps for b in st)
+        return 1 - real / sum(b["attention_mask"].numel() for st in steps for b in st)
+
+    plain, grouped = run(0, 100), run(8, 100)  # spans of 8 micro-batches of 4: 32 stream positions
+    assert padding(grouped) < padding(plain) / 3
+    stream = [i for st in plain for b in st for i in b["ids"]]
+    seen = [i for st in grouped for b in st for i in b["ids"]]
+    assert Counter(seen) == Counter(stream)  # 800 positions = 25 whole spans: the same examples, regrouped
+    assert seen != stream
+    again = micro_batches(data, 37, batch_size=4, grad_accum=2, seed=1, pad_id=0, group_by_length=8)
+    assert [b["ids"] for b in again] == [b["ids"] for b in grouped[37]]  # resuming at step 37 sees the same rows

@@ -29,6 +29,9 @@ class TeacherConfig(Section):
     cache_dir: str | None = Field(None, description="top-k signal cache (default: RUN_DIR/cache); `kdkit cache` writes it")
     top_k: int = Field(64, ge=1, description="kdkit cache: teacher log-probs kept per token")
     cache_shard_size: int = Field(256, ge=1, description="kdkit cache: examples per shard")
+    cache_batch_size: int = Field(
+        16, ge=1, description="kdkit cache: examples per teacher forward (batches of like length within a shard; "
+        "forward-only, so larger than train.batch_size pays: 19 examples/s at 16 against 15.5 at 8 on 2 CPU cores)")
     backend: Literal["local", "http", "vllm"] = Field(
         "local", description="generate: local runs `path` here (transformers); http asks an OpenAI-compatible server "
                              "(vLLM, ...); vllm runs `path` in vLLM's offline engine here (needs vllm installed)"
@@ -136,6 +139,10 @@ class TrainConfig(Section):
         "step count is written to RUN_DIR/budget.json, so a resumed run keeps it")
     batch_size: int = Field(8, ge=1, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    group_by_length: int = Field(
+        0, ge=0, description="G > 1: micro-batches of like-length rows (the example stream cut into spans of G "
+        "micro-batches, each sorted by length, cut, and its micro-batches shuffled), so little of a batch is padding; "
+        "0 or 1: plain shuffled batches")
     lr: float = Field(5e-4, gt=0.0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine schedule floor, as a fraction of lr")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")

@@ -76,3 +76,12 @@ def batch_order(n: int, *, seed: int, epoch: int) -> list[int]:
     """A permutation of range(n) fixed by (seed, epoch), so a resumed run sees the same order."""
     generator = torch.Generator().manual_seed(seed * 1000003 + epoch)  # distinct stream per epoch
     return torch.randperm(n, generator=generator).tolist()
+
+
+def length_grouped(order: list[int], lengths, *, batch_size: int, seed: int) -> list[int]:
+    """`order` sorted by `lengths[i]`, cut into batches of `batch_size`, the batches shuffled (by `seed`):
+    each batch holds rows of like length, so padding to its longest wastes little."""
+    ranked = sorted(order, key=lambda i: lengths[i])
+    batches = [ranked[j:j + batch_size] for j in range(0, len(ranked), batch_size)]
+    generator = torch.Generator().manual_seed(seed)
+    return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]

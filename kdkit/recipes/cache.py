@@ -33,7 +33,7 @@ def run(cfg: Config, *, teacher=None) -> Path:
     vocab = shared_vocab_size(teacher.tokenizer, teacher.tokenizer, head_rows(teacher.model), len(teacher.tokenizer))
     build_cache(forward_teacher(cfg, teacher), train, out, k=cfg.teacher.top_k, temperature=cfg.loss.temperature,
                 provenance=teacher.provenance(cfg.loss.temperature), vocab=vocab,
-                shard_size=cfg.teacher.cache_shard_size, batch_size=cfg.train.batch_size,
+                shard_size=cfg.teacher.cache_shard_size, batch_size=cfg.teacher.cache_batch_size,
                 weights=teacher.weights_hash())  # the weight files' content hash: what distill compares
     save_config(cfg, out / "config.yaml")  # what `verify --repair` needs to recompute a shard
     return out
@@ -76,7 +76,7 @@ def verify(directory: Path, *, repair: bool = False) -> list[str]:
             repair_served_cache(_clients(cfg), train, directory, concurrency=cfg.teacher.concurrency)
             return [str(p) for p in verify_cache(directory)]
         like = read_manifest(directory)["weights_sha256"]  # the teacher's hash of the cache's kind
-        repair_cache(teacher.model, train, directory, batch_size=cfg.train.batch_size,
+        repair_cache(teacher.model, train, directory, batch_size=cfg.teacher.cache_batch_size,
                      weights=teacher.weights_hash(like))
         return [str(p) for p in verify_cache(directory)]
     return problems

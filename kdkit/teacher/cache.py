@@ -107,10 +107,24 @@ def teacher_topk(model, batch: dict, *, k: int, temperature: float, vocab: int):
     hidden = decoder_hidden(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
     mask, _ = supervised_positions(batch["labels"])  # (B, T-1)
     logits = project(model, hidden[:, :-1][mask], vocab=vocab)  # (N, V)
-    lp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, V)
-    top, ids = lp.topk(k, dim=-1)  # (N, k), sorted: column 0 is the teacher's argmax
-    tail = torch.logsumexp(lp.scatter(1, ids, -torch.inf), dim=-1)  # (N,) stable log mass outside
-    return ids, top, tail
+    return topk_rows(logits, k=k, temperature=temperature)
+
+
+def topk_rows(logits: torch.Tensor, *, k: int, temperature: float, chunk: int = 32):
+    """(N, V) logits → ids (N, k), log-probs at T (N, k), sorted, and the log mass outside them (N,).
+
+    Row by row the same numbers as over the whole (N, V) at once, in chunks of rows whose fp32 copies
+    (chunk × V) stay in the CPU's cache through the four passes (softmax, top-k, mask, tail)."""
+    parts = []
+    for z in logits.split(chunk):
+        lp = torch.log_softmax(z.float() / temperature, dim=-1)  # (c, V)
+        top, ids = lp.topk(k, dim=-1)  # (c, k), sorted: column 0 is the teacher's argmax
+        tail = torch.logsumexp(lp.scatter(1, ids, -torch.inf), dim=-1)  # (c,) stable log mass outside
+        parts.append((ids, top, tail))
+    if not parts:
+        empty = logits.new_empty((0, k), dtype=torch.float32)
+        return empty.long(), empty, empty[:, 0]
+    return tuple(torch.cat(x) for x in zip(*parts))
 
 
 def _supervised_counts(labels: list[list[int]]) -> list[int]:
@@ -120,18 +134,22 @@ def _supervised_counts(labels: list[list[int]]) -> list[int]:
 
 def local_rows(model, data: TokenizedData, header: dict, *, batch_size: int):
     """`compute(first, last)` → ids (n, k), logprobs (n, k), tail (n,): the local teacher's rows for
-    examples [first, last), in `supervised_positions` order."""
+    examples [first, last), in `supervised_positions` order. The examples run in batches of like length
+    (sorted within the shard: little padding), their rows put back in example order."""
     device = next(model.parameters()).device
 
     def compute(first: int, last: int):
-        parts = []
-        for start in range(first, last, batch_size):
-            rows = range(start, min(start + batch_size, last))
-            batch = collate([data.input_ids[r] for r in rows], [data.labels[r] for r in rows], pad_id=0)
+        order = sorted(range(first, last), key=lambda r: len(data.input_ids[r]))
+        counts = dict(zip(range(first, last), _supervised_counts(data.labels[first:last])))
+        rows = {}  # example index → its (ids, logprobs, tail) rows
+        for start in range(0, len(order), batch_size):
+            part = order[start:start + batch_size]
+            batch = collate([data.input_ids[r] for r in part], [data.labels[r] for r in part], pad_id=0)
             batch = {key: v.to(device) for key, v in batch.items()}  # right padding: pad tokens never precede a row
-            parts.append(teacher_topk(model, batch, k=header["k"], temperature=header["temperature"],
-                                      vocab=header["vocab"]))
-        return tuple(torch.cat([p[j] for p in parts]) for j in range(3))  # (n, k), (n, k), (n,)
+            out = teacher_topk(model, batch, k=header["k"], temperature=header["temperature"], vocab=header["vocab"])
+            for r, *pieces in zip(part, *(x.split([counts[r] for r in part]) for x in out)):
+                rows[r] = pieces
+        return tuple(torch.cat([rows[r][j] for r in range(first, last)]) for j in range(3))  # (n, k), (n, k), (n,)
 
     return compute
 

@@ -23,9 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from kdkit.config import Config
-from kdkit.data.collate import batch_order, collate
+from kdkit.data.collate import batch_order, collate, length_grouped
 from kdkit.data.render import TokenizedData
 from kdkit.losses import DIVERGENCES, distill_loss, forward_kl, fused_distill_loss, sparse_divergence
+from kdkit.models.attention import train_attention
 from kdkit.models.forward import HOST_PLAN, decoder_hidden, decoder_mask, supervised_logits, supervised_rows, with_host_plan
 from kdkit.models.vocab_map import shared_vocab_metrics
 from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
@@ -134,22 +135,41 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(batch_order(n, seed=seed, epoch=epoch))
 
 
-def micro_batches(data: TokenizedData, step: int, *, batch_size: int, grad_accum: int, seed: int, pad_id: int):
+def micro_batches(data: TokenizedData, step: int, *, batch_size: int, grad_accum: int, seed: int, pad_id: int,
+                  group_by_length: int = 0):
     """The micro-batches of optimizer step `step`: a pure function of (step, seed), so resuming
-    at any step sees exactly the examples an uninterrupted run would, across epoch boundaries."""
+    at any step sees exactly the examples an uninterrupted run would, across epoch boundaries.
+
+    `group_by_length` G > 1: the endless example stream is cut into spans of G micro-batches, each
+    span's examples sorted by length, cut into micro-batches and those shuffled (`length_grouped`):
+    a batch pads to little more than its own rows, the spans still a random mix."""
     n = len(data.input_ids)
     per_step = batch_size * grad_accum
+    span = batch_size * group_by_length
+    lengths = tuple(map(len, data.input_ids)) if group_by_length > 1 else ()
     batches = []
     for m in range(grad_accum):
         idx = []
         for j in range(batch_size):
             k = step * per_step + m * batch_size + j  # position in the endless example stream
-            epoch = k // n
-            idx.append(_epoch_order(n, seed, epoch)[k % n])
+            if group_by_length > 1:
+                idx.append(_grouped_span(n, seed, k // span, batch_size, group_by_length, lengths)[k % span])
+            else:
+                idx.append(_epoch_order(n, seed, k // n)[k % n])
         batch = collate([data.input_ids[i] for i in idx], [data.labels[i] for i in idx], pad_id=pad_id)
         batch["ids"] = [data.ids[i] for i in idx]
         batches.append(batch)
     return batches
+
+
+@lru_cache(maxsize=4)
+def _grouped_span(n: int, seed: int, span_index: int, batch_size: int, group: int,
+                  lengths: tuple[int, ...]) -> tuple[int, ...]:
+    """Examples at stream positions [span_index · span, + span) (span = batch_size · group), length-grouped."""
+    span = batch_size * group
+    ks = range(span_index * span, (span_index + 1) * span)
+    stream = [_epoch_order(n, seed, k // n)[k % n] for k in ks]
+    return tuple(length_grouped(stream, lengths, batch_size=batch_size, seed=seed * 1000003 + span_index))
 
 
 def train_step(student, batches, signal_fn: Callable, cfg: Config, *, vocab: int, device, precision: str,
@@ -404,10 +424,12 @@ class TimeBudget:
     up to the end of the warm-up (PROBE to MAX_PROBE of them; the schedule has not moved yet, so fixing
     the count then changes no step already taken), then once more a third of the way through the rest,
     at the steady rate (the first steps of a CPU run are up to 30% slower while the allocator warms up:
-    the warm-up's rate alone left 20% of a 4-minute budget unused). The count is written to
+    the warm-up's rate alone left 20% of a 4-minute budget unused), then half-way through each rest while
+    that is at least REPLAN_MIN steps (a long CPU run slows by 5-10% as it goes: one measure at a third
+    overran a 7-minute budget by 15 s). The count is written to
     RUN_DIR/budget.json each time; a resumed run reads it instead of measuring again."""
 
-    PROBE, MAX_PROBE = 3, 20
+    PROBE, MAX_PROBE, REPLAN_MIN = 3, 20, 20
 
     @classmethod
     def probe_steps(cls, tc) -> int:
@@ -434,7 +456,9 @@ class TimeBudget:
             self.replan_at = done + max(5, (self.tc.max_steps - done) // 3)
         elif done == self.replan_at or (self.replan_at is not None and done >= self.tc.max_steps):
             self._plan(done, now, ctx, main=main)
-            self.pending = False
+            left = self.tc.max_steps - done
+            self.replan_at = done + left // 2  # again half-way through the rest, while that is worth a measure
+            self.pending = left // 2 >= self.REPLAN_MIN
 
     def _plan(self, done: int, now: float, ctx, *, main: bool) -> None:
         """Steps that fit at the rate since the last mark (never fewer than done)."""
@@ -467,6 +491,7 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
     ctx = D.init(tc.distributed)
     device = pick_device(tc.device)
     enable_tf32(device)
+    train_attention(student)  # CPU bf16: a faster attention backward (kdkit.models.attention)
     runner = D.prepare_student(student, ctx, tc, device)
     model = trained_module(runner, plugins)  # student (+ projectors, learned weights)
     model.to(device).train()
@@ -492,7 +517,7 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
         while step < tc.max_steps:
             t0 = time.perf_counter()
             batches = micro_batches(data, step, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-                                    seed=tc.seed, pad_id=pad_id)
+                                    seed=tc.seed, pad_id=pad_id, group_by_length=tc.group_by_length)
             ids = [i for b in batches for i in b["ids"]]  # the global step's examples
             logged = (step + 1) % tc.log_every == 0 or step + 1 == tc.max_steps  # metrics on these steps only
             m = train_step(runner, [D.shard_batch(b, ctx) for b in batches], signal_fn, cfg, vocab=vocab,

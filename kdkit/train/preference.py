@@ -26,6 +26,7 @@ from kdkit.config import Config, TrainConfig, save_config
 from kdkit.data.collate import batch_order
 from kdkit.data.preference import PairData, pair_batch
 from kdkit.models import load as M
+from kdkit.models.attention import train_attention
 from kdkit.models.sequence import sequence_logps
 from kdkit.train.checkpoint import load_latest, save_checkpoint
 from kdkit.train.loop import Preemption, autocast, optimizer_step, pick_device
@@ -170,6 +171,7 @@ def optimize(model: torch.nn.Module, step_fn: Callable[[int], dict], tc: TrainCo
              resume: bool = False, desc: str = "train") -> list[dict]:
     """tc.max_steps optimizer steps of `step_fn` on `model`, checkpointed in RUN_DIR/checkpoints and
     logged to RUN_DIR/metrics.jsonl; with `resume`, continues from the newest whole checkpoint."""
+    train_attention(model)
     model.train()
     opt, sched = build_optimizer(model, tc)
     ckpt_dir = run_dir / "checkpoints"

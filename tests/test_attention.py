@@ -1,0 +1,102 @@
+"""The CPU training attention (kdkit.models.attention) against an fp64 reference, and where it applies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdkit.models import attention as A
+from kdkit.models.tiny import tiny_llama
+
+
+def qkv(dtype, *, b=2, h=4, hk=2, t=7, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # transformers hands (B, T, H, D) projections transposed to (B, H, T, D): non-contiguous views
+    q = torch.randn(b, t, h, d, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+    k = torch.randn(b, t, hk, d, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+    v = torch.randn(b, t, hk, d, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+    return [x.requires_grad_() for x in (q, k, v)]
+
+
+def reference(q, k, v, scale):
+    """Causal attention in fp64 by the textbook formula, GQA by repeating K and V."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    t = q.shape[2]
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def grads(fn, q, k, v, d_out):
+    for x in (q, k, v):
+        x.grad = None
+    out = fn(q, k, v)
+    out.backward(d_out.to(out.dtype))
+    return out.detach().double(), [x.grad.double() for x in (q, k, v)]
+
+
+@pytest.mark.parametrize("h,hk", [(4, 2), (3, 3), (6, 1)])
+def test_causal_attention_value_and_gradients_match_fp64_reference(h, hk):
+    q, k, v = qkv(torch.float64, h=h, hk=hk)
+    d_out = torch.randn(2, h, 7, 8, dtype=torch.float64)
+    out, g = grads(lambda *x: A.CausalAttention.apply(*x, 0.3), q, k, v, d_out)
+    ref, g_ref = grads(lambda *x: reference(*x, 0.3), q, k, v, d_out)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_gradients_within_bf16_rounding_of_fp64_and_as_close_as_pytorchs_kernel():
+    q, k, v = qkv(torch.bfloat16, b=4, h=6, hk=3, t=40, d=16)
+    d_out = torch.randn(4, 6, 40, 16, dtype=torch.float64)
+    _, g = grads(lambda *x: A.CausalAttention.apply(*x, 0.25), q, k, v, d_out)
+    _, g_torch = grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, scale=0.25,
+                                                                      enable_gqa=True), q, k, v, d_out)
+    _, g_ref = grads(lambda *x: reference(*x, 0.25), q, k, v, d_out)
+    for a, t, r in zip(g, g_torch, g_ref):
+        err, err_torch = ((a - r).norm() / r.norm()).item(), ((t - r).norm() / r.norm()).item()
+        assert err < 2e-2 and err < 4 * err_torch + 1e-3, (err, err_torch)
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    return model.train()
+
+
+def loss_and_grads(model, ids, mask=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden.float().pow(2).mean().backward()
+    return hidden.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_train_attention_takes_the_fast_path_in_bf16_training_only(monkeypatch, tmp_path):
+    model, ids = tiny(), torch.randint(4, 64, (3, 12))
+    h_sdpa, g_sdpa = loss_and_grads(model, ids)
+    A.train_attention(model)
+    assert model.config._attn_implementation == A.NAME
+    calls = []
+    real = A.CausalAttention.apply
+    monkeypatch.setattr(A.CausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    h_fast, g_fast = loss_and_grads(model, ids)
+    assert len(calls) == 2  # one per layer
+    torch.testing.assert_close(h_fast, h_sdpa)  # the same forward kernel
+    for name, grad in g_sdpa.items():
+        assert ((g_fast[name] - grad).norm() / grad.norm()).item() < 3e-2, name
+    calls.clear()
+    with torch.no_grad():  # evaluation, generation: transformers' sdpa
+        model(ids)
+    padded = torch.ones_like(ids)
+    padded[0, -3:] = 0
+    loss_and_grads(model, ids, mask=padded)  # a padding mask: transformers' sdpa
+    model.zero_grad()
+    model.model(input_ids=ids).last_hidden_state.sum().backward()  # fp32: transformers' sdpa
+    assert calls == []
+    model.save_pretrained(tmp_path)  # the saved config names no kdkit attention
+    assert A.NAME not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
