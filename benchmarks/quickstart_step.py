@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kdkit  # noqa: E402,F401  first: its CPU settings (kdkit/__init__.py) must precede any torch op
+
+import torch  # noqa: E402
 
 
 def rss_gb() -> float:
