@@ -49,7 +49,10 @@ import weakref
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kdkit  # noqa: E402,F401  first: its CPU settings (kdkit/__init__.py) must precede any torch op
+
+import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -108,6 +111,7 @@ class Bench:
         from transformers import AutoModelForCausalLM
 
         from kdkit.config import load_config
+        from kdkit.models.attention import train_attention
         from kdkit.signal import Provenance
         from kdkit.teacher.online import hold_in, online_signal_fn
         from kdkit.train import loop
@@ -124,6 +128,7 @@ class Bench:
             self.student = AutoModelForCausalLM.from_config(model_config(shape, student_layers))
         teacher.requires_grad_(False).eval()
         hold_in(teacher, teacher_dtype(self.cfg, device))
+        train_attention(self.student)  # as `kdkit distill` does (CPU bf16: kdkit.models.attention)
         self.student.train()
         self.vocab = shape["vocab"]
         self.signal_fn = online_signal_fn(teacher, vocab=self.vocab, provenance=Provenance(),
