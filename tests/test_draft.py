@@ -150,7 +150,25 @@ def test_cli_draft_writes_draft_card_and_speedup(draft_config, tmp_path, tiny_te
     assert again["final"]["identical"] == again["final"]["prompts"] and "| γ |" in stdout
 
 
+def test_cli_narrow_draft_keeps_the_most_important_channels(draft_config, tmp_path, monkeypatch, capsys):
+    """draft.hidden_size/intermediate_size: the draft is width-pruned (kdkit.prune.width) after its layers are
+    chosen, its sliced embeddings and head trained with train_head; outputs stay identical with it."""
+    code, _, stderr = _kdkit(monkeypatch, capsys, "draft", draft_config, "draft.hidden_size=16",
+                             "draft.intermediate_size=32", "draft.train_head=true", "draft.speed=true",
+                             "draft.gammas=[2]", "draft.train.max_steps=3", "draft.eval_every=0")
+    assert code == 0, stderr[-3000:]
+    out = tmp_path / "run" / "draft"
+    saved = json.loads((out / "draft" / "config.json").read_text())
+    assert (saved["hidden_size"], saved["intermediate_size"], saved["num_hidden_layers"]) == (16, 32, 1)
+    weights = load_file(out / "draft" / "model.safetensors")
+    assert weights["model.embed_tokens.weight"].shape[1] == 16
+    measured = json.loads((out / "speculative.json").read_text())
+    assert measured["final"]["identical"] == measured["final"]["prompts"] > 0
+    assert "width-pruned to hidden 16, intermediate 32" in (out / "draft" / "README.md").read_text()
+
+
 @pytest.mark.parametrize("override, message", [("draft.num_layers=0", "draft.num_layers"),
+                                               ("draft.hidden_size=48", "only shrinks"),
                                                ("draft.target=/no/such/dir", "draft.target"),
                                                ("draft.layers=[0,9]", "draft.layers")])
 def test_cli_draft_bad_config_exits_2(draft_config, override, message, monkeypatch, capsys):

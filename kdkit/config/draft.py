@@ -31,6 +31,16 @@ class DraftConfig(Section):
     layers: list[int] | None = Field(None, description="init=target_layers: explicit target layer indices to keep (num_layers is then ignored)")
     prune_metric: Literal["cosine", "ppl"] = Field(
         "cosine", description="init=prune: layer ranking (cosine: one pass; ppl: one pass per layer skipped)")
+    hidden_size: int | None = Field(
+        None, ge=1, description="embedding channels of the draft (null: the target's): its most important ones "
+        "(kdkit.prune.width, scored on the fixed data). The V x H head is most of a few-layer draft's forward, so a "
+        "narrow draft costs a fraction of a full-width one (c is what pays); train_head then trains the sliced "
+        "embeddings and head")
+    intermediate_size: int | None = Field(
+        None, ge=1, description="MLP neurons per draft layer (null: the target's): its most important ones")
+    prune_tokens: int = Field(
+        16384, ge=1, description="hidden_size/intermediate_size: fixed-data tokens the channel and neuron "
+        "importances are scored on (one forward of the target)")
     train_head: bool = Field(
         False, description="also train the embeddings and head (tied in SmolLM2); off: they stay the target's and "
         "only the draft's layers and final norm learn (a fifth of the parameters: faster steps, a stable start)")

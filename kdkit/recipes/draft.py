@@ -35,7 +35,9 @@ from kdkit.eval.speculative import (acceptance_summary, greedy_continuations, gr
 from kdkit.models.license import gate_from_config, license_card_lines
 from kdkit.models.load import count_parameters, head_rows, shared_vocab_size, student_from_layers, uniform_layers
 from kdkit.prune.depth import prune_depth
-from kdkit.prune.importance import compute_importance
+from kdkit.prune.importance import compute_importance, first_tokens
+from kdkit.prune.dims import nearest_valid, rejection
+from kdkit.prune.width import prune_width
 from kdkit.teacher.generate import generate_answers, sampled_round
 from kdkit.teacher.online import online_signal_fn
 from kdkit.train.loop import Plugins, distill, pick_device
@@ -103,12 +105,32 @@ def fixed_data(cfg: Config, target, run_dir: Path) -> Path:
     return out
 
 
+def check_width(cfg: Config, model) -> None:
+    """UserError, before any data is written, when the target's config class rejects draft.hidden_size /
+    draft.intermediate_size (e.g. a Llama hidden size must be a multiple of its attention heads)."""
+    d, c = cfg.draft, model.config
+    dims = {k: v for k, v in (("hidden_size", d.hidden_size), ("intermediate_size", d.intermediate_size)) if v}
+    if not dims:
+        return
+    if any(v > getattr(c, k) for k, v in dims.items()):
+        raise UserError(f"draft: width pruning only shrinks; the target has hidden_size {c.hidden_size}, "
+                        f"intermediate_size {c.intermediate_size}, got {dims}")
+    reason = rejection(c, **dims)
+    if reason:
+        near = nearest_valid(c, "hidden_size", dims["hidden_size"], step=32,
+                             **{k: v for k, v in dims.items() if k != "hidden_size"}) if "hidden_size" in dims else ""
+        raise UserError(f"draft: {type(c).__name__} rejects {dims} ({reason})"
+                        + (f"; hidden sizes it accepts nearby: {near}" if near else "")
+                        + ". Set draft.hidden_size / draft.intermediate_size to sizes it accepts")
+
+
 def init_draft(cfg: Config, target, train, *, pad_id: int):
     """(draft model, a one-line description): a copy of a few of the target's layers; unless
     draft.train_head, its embeddings and head stay frozen (the optimizer takes trainable parameters only)."""
     d, model = cfg.draft, target.model
     total = model.config.num_hidden_layers
     torch.manual_seed(d.train.seed)
+    imp = None
     if d.init == "prune":
         imp = compute_importance(model, train, pad_id=pad_id, layer_ppl=d.prune_metric == "ppl")
         draft, layers = prune_depth(model, imp, d.num_layers, metric=d.prune_metric)
@@ -118,10 +140,16 @@ def init_draft(cfg: Config, target, train, *, pad_id: int):
         if not layers or any(not 0 <= i < total for i in layers):
             raise UserError(f"draft.layers {layers}: indices must lie in 0..{total - 1} (the target's layers)")
         draft, how = student_from_layers(model, layers), f"target layers {layers} of {total}"
+    if d.hidden_size or d.intermediate_size:  # narrow: the most important channels/neurons of the kept layers
+        imp = imp or compute_importance(model, first_tokens(train, d.prune_tokens), pad_id=pad_id, layer_ppl=False)
+        draft = prune_width(draft, imp.subset(layers), hidden_size=d.hidden_size,
+                            intermediate_size=d.intermediate_size)
+        how += (f"; width-pruned to hidden {draft.config.hidden_size}, intermediate "
+                f"{draft.config.intermediate_size} (the most important)")
     if not d.train_head:
         for module in (draft.get_input_embeddings(), draft.get_output_embeddings()):
             module.weight.requires_grad_(False)
-        how += "; embeddings and head the target's, frozen"
+        how += "; embeddings and head the target's" + (" (their kept channels)" if d.hidden_size else "") + ", frozen"
     return draft, how
 
 
@@ -203,6 +231,7 @@ def run(cfg: Config, *, resume: bool = False, teacher=None, target: str | Path |
     tgt = target_of(cfg, teacher=teacher, target=target)
     licence = gate_from_config(tgt.license, cfg.teacher, teacher=tgt.source.id)  # before any training
     tok = tgt.tokenizer
+    check_width(cfg, tgt.model)  # before the target writes data for minutes
     data = fixed_data(cfg, tgt, run_dir)
     lcfg = loop_config(cfg, run_dir, data)
     train = tokenize_file(str(data), tok, lcfg, key="data.train")
