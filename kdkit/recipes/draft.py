@@ -3,7 +3,9 @@
 The target is the teacher (`teacher.path`) or any directory kdkit saved (`draft.target`, e.g. a
 student). The draft is a few of the target's layers (`draft.num_layers`, uniform or `draft.layers`,
 or the most important ones: `draft.init=prune`) with the target's embeddings and head, so it shares
-the target's tokenizer, which transformers' assisted generation requires. It is trained by the one
+the target's tokenizer, which transformers' assisted generation requires; `draft.hidden_size` /
+`draft.intermediate_size` narrow it to the most important channels and neurons (the V x H head is most
+of a few-layer draft's cost). It is trained by the one
 distill loop (kdkit/train/loop.py): the loss is `draft.divergence` to the online target on
 
 - fixed data: the target's greedy answers to `draft.prompts` (or `draft.data`), i.e. the very text
@@ -35,8 +37,8 @@ from kdkit.eval.speculative import (acceptance_summary, greedy_continuations, gr
 from kdkit.models.license import gate_from_config, license_card_lines
 from kdkit.models.load import count_parameters, head_rows, shared_vocab_size, student_from_layers, uniform_layers
 from kdkit.prune.depth import prune_depth
-from kdkit.prune.importance import compute_importance, first_tokens
 from kdkit.prune.dims import nearest_valid, rejection
+from kdkit.prune.importance import compute_importance, first_tokens
 from kdkit.prune.width import prune_width
 from kdkit.teacher.generate import generate_answers, sampled_round
 from kdkit.teacher.online import online_signal_fn
