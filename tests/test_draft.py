@@ -169,6 +169,7 @@ def test_cli_narrow_draft_keeps_the_most_important_channels(draft_config, tmp_pa
 
 @pytest.mark.parametrize("override, message", [("draft.num_layers=0", "draft.num_layers"),
                                                ("draft.hidden_size=48", "only shrinks"),
+                                               ("draft.hidden_size=18", "nearest hidden sizes it accepts"),
                                                ("draft.target=/no/such/dir", "draft.target"),
                                                ("draft.layers=[0,9]", "draft.layers")])
 def test_cli_draft_bad_config_exits_2(draft_config, override, message, monkeypatch, capsys):

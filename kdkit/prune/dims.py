@@ -99,8 +99,9 @@ def nearest_valid(config, key: str, value: int, *, step: int, **dims) -> str:
     return f"{around(range(1, top + 1))} (multiples of {step}: {around(range(step, top + 1, step))})"
 
 
-def check_dims(config, *, where: str = "prune", step: int = 32, **dims) -> None:
-    """UserError naming the nearest accepted sizes when the class rejects these dims."""
+def check_dims(config, *, where: str = "prune", step: int = 32, advice: str | None = None, **dims) -> None:
+    """UserError naming the nearest accepted sizes when the class rejects these dims; `advice`: its last
+    sentence (default: the prune section's fields)."""
     reason = rejection(config, **dims)
     if reason is None:
         return
@@ -111,9 +112,9 @@ def check_dims(config, *, where: str = "prune", step: int = 32, **dims) -> None:
         others = {k: v for k, v in dims.items() if k != "hidden_size"}
         hint = (f"; nearest hidden sizes it accepts: "
                 f"{nearest_valid(config, 'hidden_size', dims['hidden_size'], step=step, **others)}")
-    raise UserError(f"{where}: {name} rejects the pruned dimensions {shown} ({reason}){hint}. Set "
-                    f"{where}.hidden_size/num_heads/intermediate_size to sizes it accepts, or leave them unset and "
-                    f"give {where}.target_params")
+    advice = advice or (f"Set {where}.hidden_size/num_heads/intermediate_size to sizes it accepts, or leave them "
+                        f"unset and give {where}.target_params")
+    raise UserError(f"{where}: {name} rejects the pruned dimensions {shown} ({reason}){hint}. {advice}")
 
 
 def default_kv_heads(num_heads: int, heads: int, kv_heads: int) -> int:

@@ -37,7 +37,7 @@ from kdkit.eval.speculative import (acceptance_summary, greedy_continuations, gr
 from kdkit.models.license import gate_from_config, license_card_lines
 from kdkit.models.load import count_parameters, head_rows, shared_vocab_size, student_from_layers, uniform_layers
 from kdkit.prune.depth import prune_depth
-from kdkit.prune.dims import nearest_valid, rejection
+from kdkit.prune.dims import check_dims
 from kdkit.prune.importance import compute_importance, first_tokens
 from kdkit.prune.width import prune_width
 from kdkit.teacher.generate import generate_answers, sampled_round
@@ -117,13 +117,8 @@ def check_width(cfg: Config, model) -> None:
     if any(v > getattr(c, k) for k, v in dims.items()):
         raise UserError(f"draft: width pruning only shrinks; the target has hidden_size {c.hidden_size}, "
                         f"intermediate_size {c.intermediate_size}, got {dims}")
-    reason = rejection(c, **dims)
-    if reason:
-        near = nearest_valid(c, "hidden_size", dims["hidden_size"], step=32,
-                             **{k: v for k, v in dims.items() if k != "hidden_size"}) if "hidden_size" in dims else ""
-        raise UserError(f"draft: {type(c).__name__} rejects {dims} ({reason})"
-                        + (f"; hidden sizes it accepts nearby: {near}" if near else "")
-                        + ". Set draft.hidden_size / draft.intermediate_size to sizes it accepts")
+    check_dims(c, where="draft", advice="Set draft.hidden_size / draft.intermediate_size to sizes it accepts",
+               **dims)
 
 
 def init_draft(cfg: Config, target, train, *, pad_id: int):
