@@ -418,3 +418,64 @@ def test_files_hash_covers_every_shard_of_a_sharded_checkpoint(tmp_path):
     assert files_hash(tmp_path / "sharded") != before
     with pytest.raises(UserError, match="no weight files"):
         files_hash(tmp_path)
+
+
+# ---------------------------------------------------------------- rows kept during generation
+
+
+def _ends_sometimes(model, tok):
+    """A copy of the tiny teacher that writes varied text (weights × 8, no "\\n" token) and ends its turn where
+    it would have written "y": some answers end early, others are cut at max_new_tokens."""
+    import copy
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, w in m.named_parameters():
+            if w.dim() == 2 and "embed" not in name:
+                w.mul_(8)
+        head = m.get_output_embeddings().weight  # tied: the input rows change too
+        head[tok.convert_tokens_to_ids("\n")] = 0
+        head[tok.eos_token_id] = head[tok.convert_tokens_to_ids("y")] * 1.1
+    return m
+
+
+def test_cache_from_generation_equals_a_teacher_pass_and_the_answers_are_unchanged(tmp_path, teacher):
+    from kdkit.teacher.gen_signal import load_captured, signal_dir
+    from kdkit.teacher.generate import generate_answers
+
+    model, tok, prov = teacher
+    model = _ends_sometimes(model, tok)
+    prompts = [to_example(r, index=i, source="t") for i, r in enumerate(chat_rows(12, seed=3))]
+    spec = {"k": 8, "temperature": 2.0, "vocab": len(tok), "weights": "w1"}
+    kw = dict(max_new_tokens=12, batch_size=5)
+    plain = generate_answers(model, tok, prompts, tmp_path / "plain.jsonl", **kw)
+    kept = generate_answers(model, tok, prompts, tmp_path / "kept.jsonl", signal=spec, **kw)
+    assert plain.read_text() == kept.read_text()  # the same answers, byte for byte
+    answers = [json.loads(line)["messages"][-1]["content"] for line in kept.read_text().splitlines()]
+    lengths = {len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers}
+    assert min(lengths) < 12 and 12 in lengths, lengths  # both kinds: ended early, and cut at 12
+
+    data = tokenize_examples([to_example(json.loads(line), index=i, source="kept")
+                              for i, line in enumerate(kept.read_text().splitlines())], tok, max_length=64)
+    captured = load_captured(signal_dir(kept), k=8, temperature=2.0, weights="w1")
+    assert set(captured) == set(data.ids)
+    build_cache(model, data, tmp_path / "pass", k=8, temperature=2.0, provenance=prov, vocab=len(tok),
+                shard_size=5, batch_size=3, weights="w1", progress=False)
+    # a row whose text re-tokenises differently is computed by the teacher instead
+    first = data.ids[0]
+    captured[first] = (captured[first][0][:-1], *captured[first][1:])
+    calls = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    manifest = build_cache(model, data, tmp_path / "kept", k=8, temperature=2.0, provenance=prov, vocab=len(tok),
+                           shard_size=5, batch_size=3, weights="w1", progress=False, captured=captured)
+    hook.remove()
+    assert [shape[0] for shape in calls] == [1]  # one teacher forward, of the one mismatched example
+    header = {key: v for key, v in read_manifest(tmp_path / "pass").items() if key != "shards"}
+    assert {key: v for key, v in manifest.items() if key != "shards"} == header  # one cache, two ways to fill it
+    a, b = CacheReader(tmp_path / "pass").signal(data.ids), CacheReader(tmp_path / "kept").signal(data.ids)
+    assert torch.equal(a.ids, b.ids)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=2e-3) and torch.allclose(a.tail, b.tail, atol=2e-3)
+    # rows kept for another teacher, k or temperature are not used
+    assert load_captured(signal_dir(kept), k=8, temperature=2.0, weights="w2") == {}
+    assert load_captured(signal_dir(kept), k=4, temperature=2.0, weights="w1") == {}
+    assert load_captured(signal_dir(kept), k=8, temperature=1.0, weights="w1") == {}

@@ -29,6 +29,10 @@ class TeacherConfig(Section):
     cache_dir: str | None = Field(None, description="top-k signal cache (default: RUN_DIR/cache); `kdkit cache` writes it")
     top_k: int = Field(64, ge=1, description="kdkit cache: teacher log-probs kept per token")
     cache_shard_size: int = Field(256, ge=1, description="kdkit cache: examples per shard")
+    cache_from_generation: bool = Field(
+        True, description="signal: cache with a local teacher that answers generate.prompts greedily: keep the "
+        "teacher's top-k rows of every answer while it writes them, so the cache runs the teacher only on answers "
+        "whose text re-tokenises differently (one teacher pass fewer; off: the cache recomputes every example)")
     cache_batch_size: int = Field(
         16, ge=1, description="kdkit cache: examples per teacher forward (batches of like length within a shard; "
         "forward-only, so larger than train.batch_size pays: 19 examples/s at 16 against 15.5 at 8 on 2 CPU cores)")

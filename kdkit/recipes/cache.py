@@ -18,6 +18,7 @@ from kdkit.errors import UserError
 from kdkit.models.license import gate_from_config
 from kdkit.models.load import head_rows, shared_vocab_size
 from kdkit.teacher.cache import build_cache, read_manifest, repair_cache, verify_cache
+from kdkit.teacher.gen_signal import load_captured, signal_dir
 from kdkit.teacher.http import ChatClient, common_model
 from kdkit.teacher.served_cache import build_served_cache, repair_served_cache
 from kdkit.train.setup import cache_dir, forward_teacher, load_teacher, tokenize_file
@@ -31,10 +32,13 @@ def run(cfg: Config, *, teacher=None) -> Path:
     if cfg.teacher.backend == "http":
         return _run_served(cfg, teacher, train, out)
     vocab = shared_vocab_size(teacher.tokenizer, teacher.tokenizer, head_rows(teacher.model), len(teacher.tokenizer))
+    weights = teacher.weights_hash()  # the weight files' content hash: what distill compares
+    captured = load_captured(signal_dir(Path(cfg.data.train)), k=cfg.teacher.top_k,
+                             temperature=cfg.loss.temperature, weights=weights)  # rows kept by `generate`
     build_cache(forward_teacher(cfg, teacher), train, out, k=cfg.teacher.top_k, temperature=cfg.loss.temperature,
                 provenance=teacher.provenance(cfg.loss.temperature), vocab=vocab,
                 shard_size=cfg.teacher.cache_shard_size, batch_size=cfg.teacher.cache_batch_size,
-                weights=teacher.weights_hash())  # the weight files' content hash: what distill compares
+                weights=weights, captured=captured)
     save_config(cfg, out / "config.yaml")  # what `verify --repair` needs to recompute a shard
     return out
 

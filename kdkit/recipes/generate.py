@@ -28,7 +28,7 @@ from kdkit.config import Config, save_config
 from kdkit.data.sources import load_examples
 from kdkit.errors import UserError
 from kdkit.models.license import gate_from_config, license_from_url
-from kdkit.models.load import read_license, resolve
+from kdkit.models.load import head_rows, read_license, resolve, shared_vocab_size
 from kdkit.teacher.dataset import write_dataset
 from kdkit.teacher.elicit import run_task
 from kdkit.teacher.generate import done_ids, generate_answers, sampled_round
@@ -88,12 +88,27 @@ def _backend(cfg: Config, teacher):
         return complete, {"backend": "http", **where, "model": model}, None
     teacher = teacher or load_teacher(cfg)
 
-    def complete(examples, out, *, top_logprobs: int = 0, max_new_tokens: int | None = None):
+    def complete(examples, out, *, top_logprobs: int = 0, max_new_tokens: int | None = None, signal: bool = False):
         return generate_answers(forward_teacher(cfg, teacher), teacher.tokenizer, examples, out,
                                 max_new_tokens=max_new_tokens or gc.max_new_tokens, batch_size=gc.batch_size,
                                 do_sample=gc.do_sample, temperature=gc.temperature, top_p=gc.top_p,
-                                seed=cfg.train.seed, top_logprobs=top_logprobs)
+                                seed=cfg.train.seed, top_logprobs=top_logprobs,
+                                signal=_signal_spec(cfg, teacher) if signal else None)
     return complete, {"backend": "local", "teacher": teacher.source.id, "license": teacher.license}, teacher
+
+
+def _signal_spec(cfg: Config, teacher) -> dict:
+    """What the cache stage will ask of the rows kept during generation (kdkit.teacher.gen_signal)."""
+    vocab = shared_vocab_size(teacher.tokenizer, teacher.tokenizer, head_rows(teacher.model), len(teacher.tokenizer))
+    return {"k": cfg.teacher.top_k, "temperature": cfg.loss.temperature, "vocab": vocab,
+            "weights": teacher.weights_hash()}
+
+
+def _keeps_signal(cfg: Config) -> bool:
+    """Whether the training answers also keep the teacher's top-k rows: a local teacher answering greedily
+    for a run that reads its signal from the cache it is about to build."""
+    tc, gc = cfg.teacher, cfg.generate
+    return tc.cache_from_generation and tc.signal == "cache" and tc.backend == "local" and not gc.do_sample
 
 
 def _vllm_backend(cfg: Config):
@@ -149,7 +164,8 @@ def _answer_prompts(cfg: Config, complete, *, source: dict, decision: dict, samp
             raise UserError(f"{path} holds no prompts")
     outputs = {}
     for split, (_, _, out) in jobs.items():
-        outputs[split] = complete(examples[split], out)
+        keep = {"signal": True} if split == "train" and _keeps_signal(cfg) else {}
+        outputs[split] = complete(examples[split], out, **keep)
         if split == "train" and gc.samples:
             _sample_rounds(gc, sampled, examples[split], out)
         _write_manifest(out, source=source, decision=decision, cfg=cfg, prompts=len(examples[split]))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from kdkit.signal import FIELD_LABELS, Provenance, SparseSignal
 from kdkit.teacher import encoding
 from kdkit.utils import atomic_json, fsync_dir, sha256_file
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "kdkit-topk-cache", 2
 READABLE = (1, 2)  # versions a CacheReader reads; only VERSION is written, resumed or repaired
@@ -132,26 +134,50 @@ def _supervised_counts(labels: list[list[int]]) -> list[int]:
     return [sum(label != IGNORE for label in row[1:]) for row in labels]
 
 
-def local_rows(model, data: TokenizedData, header: dict, *, batch_size: int):
+def local_rows(model, data: TokenizedData, header: dict, *, batch_size: int, captured: dict | None = None):
     """`compute(first, last)` → ids (n, k), logprobs (n, k), tail (n,): the local teacher's rows for
     examples [first, last), in `supervised_positions` order. The examples run in batches of like length
-    (sorted within the shard: little padding), their rows put back in example order."""
+    (sorted within the shard: little padding), their rows put back in example order. `captured` (example
+    id → rows kept while the teacher wrote the answers, `gen_signal.load_captured`) supplies the rows of
+    every example whose tokens are the ones generated; only the others run through the teacher."""
     device = next(model.parameters()).device
+    captured = captured or {}
+    used = {"captured": 0, "computed": 0}
 
     def compute(first: int, last: int):
-        order = sorted(range(first, last), key=lambda r: len(data.input_ids[r]))
         counts = dict(zip(range(first, last), _supervised_counts(data.labels[first:last])))
-        rows = {}  # example index → its (ids, logprobs, tail) rows
+        rows = {r: got for r in range(first, last) if (got := _captured_rows(data, r, captured, counts[r]))}
+        order = sorted((r for r in range(first, last) if r not in rows), key=lambda r: len(data.input_ids[r]))
         for start in range(0, len(order), batch_size):
             part = order[start:start + batch_size]
             batch = collate([data.input_ids[r] for r in part], [data.labels[r] for r in part], pad_id=0)
             batch = {key: v.to(device) for key, v in batch.items()}  # right padding: pad tokens never precede a row
             out = teacher_topk(model, batch, k=header["k"], temperature=header["temperature"], vocab=header["vocab"])
             for r, *pieces in zip(part, *(x.split([counts[r] for r in part]) for x in out)):
-                rows[r] = pieces
+                rows[r] = [p.cpu() for p in pieces]
+        used["captured"] += (last - first) - len(order)
+        used["computed"] += len(order)
         return tuple(torch.cat([rows[r][j] for r in range(first, last)]) for j in range(3))  # (n, k), (n, k), (n,)
 
+    compute.used = used  # how many examples came from each source, for the log
     return compute
+
+
+def _captured_rows(data: TokenizedData, r: int, captured: dict, count: int):
+    """Example r's captured rows when its rendered tokens begin with the generated prompt + answer + end of
+    turn and its supervised positions are exactly the generated ones; None otherwise (it is computed)."""
+    got = captured.get(data.ids[r])
+    if got is None:
+        return None
+    tokens, ids, top, tail = got  # (L,), (R, k), (R, k), (R,)
+    labels, n_rows = data.labels[r], len(ids)
+    first = len(tokens) - n_rows + 1  # the prompt's length: its last position predicts the first answer token
+    if count != n_rows or list(data.input_ids[r][:len(tokens)]) != tokens.tolist():
+        return None
+    supervised = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE]
+    if supervised != list(range(first - 1, first - 1 + n_rows)):
+        return None
+    return [torch.from_numpy(ids).long(), torch.from_numpy(top), torch.from_numpy(tail)]
 
 
 def _write_shard(compute, data: TokenizedData, out_dir: Path, i: int, header: dict) -> dict:
@@ -234,18 +260,23 @@ def _fill(compute, data: TokenizedData, out_dir: Path, header: dict, good: dict[
 
 def build_cache(teacher_model, data: TokenizedData, out_dir: str | Path, *, k: int, temperature: float,
                 provenance: Provenance, vocab: int, shard_size: int = 256, batch_size: int = 8,
-                weights: str | None = None, progress: bool = True) -> dict:
+                weights: str | None = None, progress: bool = True, captured: dict | None = None) -> dict:
     """Run the teacher over `data` once and store its top-k signals in `out_dir`; returns the manifest.
 
     `weights`: the teacher's weights hash, `files_hash` of the files it was loaded from (what a run
     compares without loading it); None: `tensors_hash(teacher_model)`. Resumes a killed build
     (finished shards kept after their checksum is checked) and redoes damaged shards of a finished
-    one. Refuses an `out_dir` holding a cache built with other settings.
+    one. Refuses an `out_dir` holding a cache built with other settings. `captured`: rows the teacher's
+    generation kept (`local_rows`), used instead of a teacher forward where they match the data.
     """
     header = make_header(data, provenance, k=k, temperature=temperature, vocab=vocab, shard_size=shard_size,
                          weights=weights or tensors_hash(teacher_model))
-    compute = local_rows(teacher_model, data, header, batch_size=batch_size)
-    return build_with(compute, data, out_dir, header, progress=progress)
+    compute = local_rows(teacher_model, data, header, batch_size=batch_size, captured=captured)
+    manifest = build_with(compute, data, out_dir, header, progress=progress)
+    if captured:
+        log.info("cache %s: %d examples from the rows kept during generation, %d through the teacher",
+                 out_dir, compute.used["captured"], compute.used["computed"])
+    return manifest
 
 
 def build_with(compute, data: TokenizedData, out_dir: str | Path, header: dict, *, progress: bool = True) -> dict:

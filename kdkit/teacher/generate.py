@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from kdkit.data.collate import collate
 from kdkit.data.render import render_prompt
 from kdkit.data.sources import Example
+from kdkit.teacher.gen_signal import Done, Recorder, answer_length, save_batch, signal_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,13 @@ def done_ids(path: Path) -> set[str]:
 
 def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, *, max_new_tokens: int,
                      batch_size: int, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                     seed: int = 0, top_logprobs: int = 0) -> Path:
+                     seed: int = 0, top_logprobs: int = 0, signal: dict | None = None) -> Path:
     """Answer every example's prompt with `model`; write {"id", "messages"} lines to `out_path`.
 
     With `top_logprobs` k > 0 each line also holds "teacher_logprobs": per generated token
-    [token, logprob, [[alt, logprob] × k]] (the served backend's format), from the raw logits."""
+    [token, logprob, [[alt, logprob] × k]] (the served backend's format), from the raw logits.
+    With `signal` {"k", "temperature", "vocab", "weights"}, the teacher's top-k rows of every answer are
+    kept under `signal_dir(out_path)` for the cache (kdkit.teacher.gen_signal); the answers are the same."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
     todo = [e for e in examples if e.id not in done]
@@ -59,15 +62,27 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
             batch = collate(ids, ids, pad_id=pad_id, side="left")
             # the seed depends on the batch's first id, so resumed runs sample the same text
             torch.manual_seed(seed + sum(map(ord, chunk[0].id)))
+            sampling = _sampling(do_sample, temperature, top_p)
+            recorder = None
+            if signal and not sampling.get("do_sample"):  # (nucleus sampling warps the logits before a processor)  # two steps more, no stop at the end of turn: the rows after it are the cache's too
+                recorder = Recorder(batch=len(chunk), max_new_tokens=max_new_tokens, k=signal["k"],
+                                    temperature=signal["temperature"], vocab=signal["vocab"],
+                                    eos_id=tokenizer.eos_token_id)
+                sampling["logits_processor"] = LogitsProcessorList([recorder, *sampling.get("logits_processor", [])])
             with torch.no_grad():
                 out = model.generate(
                     input_ids=batch["input_ids"].to(model.device),
                     attention_mask=batch["attention_mask"].to(model.device),
-                    max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-                    output_logits=bool(top_logprobs), return_dict_in_generate=True, top_k=None,
-                    **_sampling(do_sample, temperature, top_p),
+                    max_new_tokens=max_new_tokens + (2 if recorder else 0), pad_token_id=pad_id,
+                    eos_token_id=None if recorder else tokenizer.eos_token_id,
+                    stopping_criteria=StoppingCriteriaList([Done(recorder)] if recorder else []),
+                    output_logits=bool(top_logprobs), return_dict_in_generate=True, top_k=None, **sampling,
                 )
             answers = out.sequences[:, batch["input_ids"].shape[1] :]  # (B, new)
+            if recorder:  # each row up to its end of turn (excluded), as a stopped generation returns it
+                answers = [row[: answer_length(recorder, b)] for b, row in enumerate(answers)]
+                save_batch(signal_dir(out_path), [e.id for e in chunk], ids, [a.tolist() for a in answers],
+                           recorder, weights=signal["weights"])  # before the answers: theirs are on disk first
             for b, (example, row) in enumerate(zip(chunk, answers)):
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()
                 new_tokens += int((row != pad_id).sum())
