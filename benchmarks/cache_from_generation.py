@@ -23,12 +23,11 @@ import torch
 
 from kdkit.data.render import tokenize_examples
 from kdkit.data.sources import load_examples
-from kdkit.models.load import head_rows, shared_vocab_size
 from kdkit.teacher.cache import CacheReader, build_cache
 from kdkit.teacher.gen_signal import load_captured, signal_dir
 from kdkit.teacher.generate import generate_answers
 from kdkit.config import load_config
-from kdkit.train.setup import forward_teacher, load_teacher
+from kdkit.train.setup import forward_teacher, load_teacher, signal_vocab
 
 
 def main() -> None:
@@ -41,7 +40,7 @@ def main() -> None:
     teacher = load_teacher(cfg)
     model = forward_teacher(cfg, teacher)
     tok = teacher.tokenizer
-    vocab = shared_vocab_size(tok, tok, head_rows(teacher.model), len(tok))
+    vocab = signal_vocab(teacher)
     weights = teacher.weights_hash()
     spec = {"k": cfg.teacher.top_k, "temperature": cfg.loss.temperature, "vocab": vocab, "weights": weights}
     prompts = load_examples(str(files("kdkit") / "assets" / "instructions" / "train.jsonl"))[: args.prompts]

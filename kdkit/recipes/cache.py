@@ -16,12 +16,11 @@ from pathlib import Path
 from kdkit.config import Config, load_config, save_config
 from kdkit.errors import UserError
 from kdkit.models.license import gate_from_config
-from kdkit.models.load import head_rows, shared_vocab_size
 from kdkit.teacher.cache import build_cache, read_manifest, repair_cache, verify_cache
 from kdkit.teacher.gen_signal import load_captured, signal_dir
 from kdkit.teacher.http import ChatClient, common_model
 from kdkit.teacher.served_cache import build_served_cache, repair_served_cache
-from kdkit.train.setup import cache_dir, forward_teacher, load_teacher, tokenize_file
+from kdkit.train.setup import cache_dir, forward_teacher, load_teacher, signal_vocab, tokenize_file
 
 
 def run(cfg: Config, *, teacher=None) -> Path:
@@ -31,7 +30,7 @@ def run(cfg: Config, *, teacher=None) -> Path:
     out = cache_dir(cfg)
     if cfg.teacher.backend == "http":
         return _run_served(cfg, teacher, train, out)
-    vocab = shared_vocab_size(teacher.tokenizer, teacher.tokenizer, head_rows(teacher.model), len(teacher.tokenizer))
+    vocab = signal_vocab(teacher)
     weights = teacher.weights_hash()  # the weight files' content hash: what distill compares
     captured = load_captured(signal_dir(Path(cfg.data.train)), k=cfg.teacher.top_k,
                              temperature=cfg.loss.temperature, weights=weights)  # rows kept by `generate`

@@ -28,13 +28,13 @@ from kdkit.config import Config, save_config
 from kdkit.data.sources import load_examples
 from kdkit.errors import UserError
 from kdkit.models.license import gate_from_config, license_from_url
-from kdkit.models.load import head_rows, read_license, resolve, shared_vocab_size
+from kdkit.models.load import read_license, resolve
 from kdkit.teacher.dataset import write_dataset
 from kdkit.teacher.elicit import run_task
 from kdkit.teacher.generate import done_ids, generate_answers, sampled_round
 from kdkit.teacher.http import ChatClient, common_model, generate_answers_http
 from kdkit.teacher.vllm_engine import generate_answers_vllm, hf_directory, load_engine, require_vllm
-from kdkit.train.setup import forward_teacher, load_teacher
+from kdkit.train.setup import forward_teacher, load_teacher, signal_vocab
 from kdkit.utils import atomic_json
 
 
@@ -99,8 +99,7 @@ def _backend(cfg: Config, teacher):
 
 def _signal_spec(cfg: Config, teacher) -> dict:
     """What the cache stage will ask of the rows kept during generation (kdkit.teacher.gen_signal)."""
-    vocab = shared_vocab_size(teacher.tokenizer, teacher.tokenizer, head_rows(teacher.model), len(teacher.tokenizer))
-    return {"k": cfg.teacher.top_k, "temperature": cfg.loss.temperature, "vocab": vocab,
+    return {"k": cfg.teacher.top_k, "temperature": cfg.loss.temperature, "vocab": signal_vocab(teacher),
             "weights": teacher.weights_hash()}
 
 

@@ -62,11 +62,14 @@ class Recorder(LogitsProcessor):
         """(B,) rows whose signal is still incomplete: not ended, or ended on the step just taken."""
         return (self.ended < 0) | (self.ended >= self.step - 1)
 
+    def note(self, input_ids) -> None:
+        """Mark the rows whose last token (chosen at step `step` - 1) ends their turn; idempotent."""
+        if self.step > 0:
+            self.ended[(self.ended < 0) & (input_ids[:, -1].cpu() == self.eos_id)] = self.step - 1
+
     def __call__(self, input_ids, scores):
+        self.note(input_ids)
         t = self.step
-        if t > 0:  # the token chosen at step t - 1 is the last column of input_ids
-            newly = (self.ended < 0) & (input_ids[:, -1].cpu() == self.eos_id)
-            self.ended[newly] = t - 1
         rows = self.needed().nonzero().squeeze(1)  # (b,)
         if t < self.ids.shape[1] and len(rows):
             ids, top, tail = self.topk_rows(scores[rows.to(scores.device), : self.vocab], k=self.k,
@@ -89,10 +92,8 @@ class Done(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         r = self.recorder
-        t = r.step  # steps recorded so far; the token of step t - 1 was just appended
-        ended = r.ended.clone()
-        ended[(ended < 0) & (input_ids[:, -1].cpu() == r.eos_id)] = t - 1
-        return ((ended >= 0) & (ended <= t - 2)).to(input_ids.device)  # (B,) the row after its end was kept
+        r.note(input_ids)  # the token of step r.step - 1 was just appended
+        return ((r.ended >= 0) & (r.ended <= r.step - 2)).to(input_ids.device)  # (B,) the row after its end was kept
 
 
 def answer_length(recorder: Recorder, b: int) -> int:

@@ -64,7 +64,9 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
             torch.manual_seed(seed + sum(map(ord, chunk[0].id)))
             sampling = _sampling(do_sample, temperature, top_p)
             recorder = None
-            if signal and not sampling.get("do_sample"):  # (nucleus sampling warps the logits before a processor)  # two steps more, no stop at the end of turn: the rows after it are the cache's too
+            # kept rows: two steps more and no stop at the end of turn (the rows after it are the cache's too);
+            # never under nucleus sampling, whose warpers change the logits before any processor sees them
+            if signal and not sampling.get("do_sample"):
                 recorder = Recorder(batch=len(chunk), max_new_tokens=max_new_tokens, k=signal["k"],
                                     temperature=signal["temperature"], vocab=signal["vocab"],
                                     eos_id=tokenizer.eos_token_id)

@@ -107,6 +107,11 @@ def load_teacher(cfg: Config) -> Teacher:
     return Teacher(cfg)
 
 
+def signal_vocab(teacher: Teacher) -> int:
+    """The vocabulary a teacher's own top-k signal covers: its tokenizer's ids that its head has rows for."""
+    return M.shared_vocab_size(teacher.tokenizer, teacher.tokenizer, M.head_rows(teacher.model), len(teacher.tokenizer))
+
+
 def cache_dir(cfg: Config) -> Path:
     return Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else Path(cfg.run.dir) / "cache"
 
