@@ -236,3 +236,26 @@ def test_bf16_matmuls_against_a_sparse_signal_match_fp32_dense(name):
     fp32 = fused_sparse(p, signal, chunk_size=8, **opts)
     assert_bf16_parity(fused_sparse(p, signal, chunk_size=8, matmul_dtype=torch.bfloat16, **opts),
                        dense_sparse(p, signal, **opts), fp32)
+
+
+def test_student_tail_far_below_its_top_k_keeps_its_gradient():
+    """A student equal to its teacher whose top k hold all but ~1e-13 of the mass: the gradient on the
+    tail, q_v − p_v, must stay ~0 relative to q_v. R taken as S − Σ top would be rounding noise here
+    (fp32 or fp64) and send the tail a gradient of the order of q_v itself."""
+    g = torch.Generator().manual_seed(3)
+    n = 16
+    t = torch.randn(n, V, generator=g)
+    top = torch.randperm(V, generator=g)[:K]
+    t[:, top] += 40.0  # (n, V) the top k dominate every row
+    signal = signal_from(t, short_rows=())
+    h = torch.eye(n).requires_grad_(True)  # logits = h @ w.T = t: grad_w[v, i] = d loss / d z[i, v]
+    w = t.t().contiguous().requires_grad_(True)
+    labels = torch.randint(0, V, (n,), generator=g)
+    parts = fused_distill_loss(h, w, labels, teacher_logits=signal, divergence="forward_kl", alpha=1.0, chunk_size=8)
+    parts.total.backward()
+    grad = w.grad.t().double()  # (n, V) d loss / d z
+    q = torch.softmax(t.double(), dim=-1) / n  # the scale of each entry's gradient
+    tail = torch.ones(V, dtype=torch.bool)
+    tail[top] = False
+    assert (grad[:, tail].abs() <= 1e-3 * q[:, tail]).all()
+    assert parts.kd.abs() < 1e-6

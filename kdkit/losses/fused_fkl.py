@@ -6,7 +6,7 @@ dominate the step (glibc maps and unmaps every block over 32 MiB: a page fault p
 an op that runs in 7 ms in place took 30 ms allocating), and forward KL, the default objective,
 needs none of it. Its gradient at temperature T, with q = softmax(z / T) and p the teacher's
 distribution, is (q − p) / T. On the k + 1 buckets of a top-k signal (`sparse.py`), with
-e = exp(z / T − max), S = Σ e, R = Σ_{v ∉ top k} e (the student's tail, summed directly in fp64:
+e = exp(z / T − max), S = Σ e, R = Σ_{v ∉ top k} e (the student's tail, summed directly:
 no 1 − Σ top cancellation), P = Σ of the teacher's bucket masses and p_tail its tail:
 
     d KL / d (z_v / T) = e_v · (P / S − p_tail / R)      v outside the top k
@@ -90,8 +90,8 @@ def _sparse(x: Tensor, m: Tensor, teacher: tuple, t: float):
     picked = x.gather(1, ids)  # (c, k) z / T at the teacher's ids, before exp
     x.sub_(m).exp_()  # (c, V) e
     e_top = torch.where(valid, x.gather(1, ids), 0.0)  # (c, k) the very e values summed below (ids unique among valid slots)
-    total = x.sum(dim=-1, dtype=torch.float64)  # (c,) S, accumulated in fp64
-    rest = (total - e_top.sum(dim=-1, dtype=torch.float64)).clamp(min=0.0)  # (c,) R: no cancellation at fp32
+    rest = _tail_sum(x, ids, valid).double()  # (c,) R, summed directly: no 1 − Σ top cancellation
+    total = rest + e_top.sum(dim=-1, dtype=torch.float64)  # (c,) S in fp64
     log_s = torch.log(total)  # (c,) fp64
     log_q_top = torch.where(valid, picked - m - log_s.float()[:, None], -math.inf)  # (c, k)
     log_q_tail = torch.where(rest > 0, torch.log(rest) - log_s, -math.inf).float()  # (c,)
@@ -106,6 +106,21 @@ def _sparse(x: Tensor, m: Tensor, teacher: tuple, t: float):
     coef = (mass.double() / total - tail_ratio).float()  # (c,) e_v · coef outside the top k
     fix = torch.where(valid, e_top * tail_ratio.float()[:, None] - p[:, :-1], 0.0)  # (c, k): top-k slots
     return per_row, coef, (ids, fix), total.float()
+
+
+def _tail_sum(e: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
+    """Σ_{v ∉ top k} e_v per row (c,) fp32: the top-k entries zeroed, the row summed, then put back.
+    The terms are positive, so an fp32 sum is accurate to rounding (an fp64 reduction over (c, V) cost
+    30× the fp32 one on a CPU). Invalid slots point at the row's first valid id, so every write to an
+    id in a row carries the same value; a row with no valid slot writes its own values back."""
+    any_valid = valid.any(dim=-1, keepdim=True)  # (c, 1)
+    first = ids.gather(1, valid.to(torch.uint8).argmax(dim=-1, keepdim=True))  # (c, 1) first valid id
+    where = torch.where(valid, ids, torch.where(any_valid, first, ids))  # (c, k)
+    kept = e.gather(1, where)  # (c, k) e at those ids, to put back
+    e.scatter_(1, where, torch.where(any_valid, 0.0, kept))
+    rest = e.sum(dim=-1)
+    e.scatter_(1, where, kept)
+    return rest
 
 
 def _dense(x: Tensor, m: Tensor, teacher: tuple, t: float):
