@@ -432,3 +432,21 @@ def test_closed_form_forward_kl_chunk_equals_autograd(sparse, temperature, alpha
     torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-6)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 1.0), (2.0, 1.0), (1.0, 0.7)])
+def test_closed_form_forward_kl_reuses_only_the_loss_own_teacher_buffer(temperature, alpha, matmul_dtype):
+    """Closed-form forward KL works in place on the online teacher's logits buffer (the loss's own scratch,
+    recomputed every chunk), over several chunks, and equals the dense path; a caller's teacher logits
+    (a DenseSignal whose chunks are views of its tensor: every row supervised) are never written."""
+    p = make_problem(bias=False)
+    p["labels"] = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(5))  # no masked row
+    opts = dict(divergence="forward_kl", temperature=temperature, alpha=alpha)
+    want = dense(p, **opts)
+    tol = 1e-5 if matmul_dtype is None else 2e-2
+    assert_parity(fused(p, chunk_size=8, matmul_dtype=matmul_dtype, **opts), want, rtol=tol)  # online head
+    t = p["t_hidden"] @ p["t_weight"].t()
+    before = t.clone()
+    assert_parity(fused(p, DenseSignal(t), chunk_size=8, **opts), want)
+    assert torch.equal(t, before)

@@ -96,7 +96,7 @@ class _Head:
         c, v = h.shape[0], self.weight.shape[0]
         out = scratch(f"{self.name}-logits", chunk_size, v, torch.float32, h.device)[:c]  # (c, V) contiguous view
         if self.weight.dtype != torch.float32:  # low-precision GEMM, then upcast into the buffer
-            z = scratch(f"{self.name}-logits-lowp", c, v, self.weight.dtype, h.device)  # (c, V)
+            z = scratch("logits-lowp", c, v, self.weight.dtype, h.device)  # (c, V), shared by both heads
             if self.bias is None:
                 torch.mm(h, self.weight.t(), out=z)
             else:
@@ -134,7 +134,7 @@ class _Grads:
         """Fold one chunk's d/d logits g (c, V) fp32 into the accumulators; h (c, H) matmul dtype."""
         g_mm = g  # (c, V); no copy in fp32
         if head.weight.dtype != g.dtype:
-            g_mm = scratch("grad-logits-lowp", *g.shape, head.weight.dtype, g.device).copy_(g)
+            g_mm = scratch("logits-lowp", *g.shape, head.weight.dtype, g.device).copy_(g)  # the heads' buffer: used by now
         if self.hidden is not None:
             self.hidden[rows] = (g_mm @ head.weight).to(self.hidden.dtype)  # (c, H)
         if self.weight is not None:

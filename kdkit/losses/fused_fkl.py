@@ -30,7 +30,7 @@ from torch import Tensor
 from .divergences import _kl
 from .objective import IGNORE_INDEX
 from .reduce import masked_sum
-from .scratch import scratch
+from .scratch import owned, scratch
 
 
 def applies(spec) -> bool:
@@ -125,13 +125,15 @@ def _tail_sum(e: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
 
 def _dense(x: Tensor, m: Tensor, teacher: tuple, t: float):
     """Dense teacher logits z_t (c, V): (KL per row (c,), 1 / S (c,), p (c, V) in a scratch buffer, S (c,));
-    x → e in place. The value is Σ p·(log p − log q) term by term (accurate for small KL; a difference of
-    log-normalisers would lose it to rounding); the gradient is e / S − p."""
+    x → e in place, and z_t too when it is the loss's own buffer (the online head's logits). The value is
+    Σ p·(log p − log q) term by term (accurate for small KL; a difference of log-normalisers would lose it
+    to rounding); the gradient is e / S − p."""
     (z_t,) = teacher
-    y = scratch("fkl-teacher", *x.shape, torch.float32, x.device)  # (c, V) fp32 buffers, reused
-    e = scratch("fkl-exp", *x.shape, torch.float32, x.device)
-    w = scratch("fkl-terms", *x.shape, torch.float32, x.device)
-    y.copy_(z_t)
+    if owned(z_t) and z_t.dtype == torch.float32:
+        y = z_t  # (c, V) the online teacher's logits buffer, recomputed for every chunk: no copy
+    else:  # a signal's rows (the caller's memory): copied into a buffer
+        y = scratch("fkl-teacher", *x.shape, torch.float32, x.device).copy_(z_t)
+    e = scratch("fkl-exp", *x.shape, torch.float32, x.device)  # (c, V) fp32, reused
     if t != 1.0:
         y.div_(t)  # (c, V) z_t / T
     y.sub_(y.amax(dim=-1, keepdim=True))  # (c, V) teacher logits − max
@@ -139,7 +141,7 @@ def _dense(x: Tensor, m: Tensor, teacher: tuple, t: float):
     s = torch.exp(x, out=e).sum(dim=-1)  # (c,) S
     s_t = torch.exp(y, out=e).sum(dim=-1)  # (c,) S_t; e holds e_t from here
     y.sub_(x).sub_((torch.log(s_t) - torch.log(s))[:, None])  # (c, V) log p − log q
-    # p = 0 terms are 0 (0 · ±inf is NaN here); p > 0 where q = 0 stays +inf
-    per_row = torch.mul(e, y, out=w).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1) / s_t
+    # p = 0 terms are 0 (0 · ±inf is NaN here); p > 0 where q = 0 stays +inf; the terms overwrite y
+    per_row = y.mul_(e).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1) / s_t
     x.exp_()  # (c, V) e
     return per_row, 1.0 / s, e.div_(s_t[:, None]), s  # p = e_t / S_t
