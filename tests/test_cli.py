@@ -80,6 +80,25 @@ def test_generate_samples_adds_sampled_answers_per_prompt_and_resumes(tiny_confi
     assert manifest["sampling"]["samples"] == 2 and manifest["rows"] == 9
 
 
+def test_generate_max_seconds_answers_a_random_subset_and_reruns_keep_it(tiny_config, tmp_path):
+    """generate.max_seconds: prompts in a seeded random order, 4 batches a span, no span started past the
+    budget; the count is recorded and a rerun with a larger budget answers exactly the same prompts."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(12)))
+    out = tmp_path / "gen.jsonl"
+    args = ["generate", tiny_config, f"generate.prompts={prompts}", f"generate.output={out}",
+            "generate.max_new_tokens=3", "generate.batch_size=1", "generate.max_seconds=0.001"]
+    assert _kdkit(*args).returncode == 0
+    ids = sorted(json.loads(x)["id"] for x in out.read_text().splitlines())
+    assert len(ids) == 4 and ids != [f"p{i}" for i in range(4)]  # one span of 4 batches, not the file's first 4
+    record = json.loads((tmp_path / "gen.jsonl.answered.json").read_text())
+    assert record["prompts"] == 4 and record["asked"] == 12
+    assert json.loads((tmp_path / "gen.jsonl.manifest.json").read_text())["prompts"] == 4
+    args[-1] = "generate.max_seconds=1000"
+    assert _kdkit(*args).returncode == 0
+    assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ids
+
+
 def test_generate_samples_max_seconds_stops_rounds_and_reruns_keep_the_count(tiny_config, tmp_path):
     """No round of sampled answers starts past generate.samples_max_seconds; the rounds done are recorded and a
     rerun with a larger budget does exactly those (the same data, so a cache built on it stays valid)."""

@@ -247,6 +247,11 @@ class GenerateConfig(Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling (do_sample only)")
     limit: int | None = Field(None, ge=1, description="answer only the first N prompts")
     eval_limit: int | None = Field(None, ge=1, description="answer only the first N held-out prompts")
+    max_seconds: float | None = Field(None, gt=0.0, description="prompts: answer the training prompts in a seeded "
+                                      "random order, a span of 4 batches at a time (sorted by length within it), "
+                                      "and start no span after this many seconds: a slower machine answers a random "
+                                      "subset and trains more steps on it; the prompts answered are kept in "
+                                      "OUT.answered.json, which reruns follow")
     samples: int = Field(0, ge=0, description="prompts: this many extra answers per training prompt, sampled at "
                          "`temperature`/`top_p` beside the main one (ids ID~s1, ID~s2, ...): more distinct training "
                          "sequences from the same prompts, for students that would otherwise memorise few answers")

@@ -20,7 +20,9 @@ settings and the counts (never the API key).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import time
 from pathlib import Path
 
@@ -36,6 +38,8 @@ from kdkit.teacher.http import ChatClient, common_model, generate_answers_http
 from kdkit.teacher.vllm_engine import generate_answers_vllm, hf_directory, load_engine, require_vllm
 from kdkit.train.setup import forward_teacher, load_teacher, signal_vocab
 from kdkit.utils import atomic_json
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, *, teacher=None) -> dict[str, Path]:
@@ -164,11 +168,39 @@ def _answer_prompts(cfg: Config, complete, *, source: dict, decision: dict, samp
     outputs = {}
     for split, (_, _, out) in jobs.items():
         keep = {"signal": True} if split == "train" and _keeps_signal(cfg) else {}
-        outputs[split] = complete(examples[split], out, **keep)
+        if split == "train" and gc.max_seconds:  # a random subset, as many as the time allows
+            examples[split] = _answer_in_spans(gc, complete, examples[split], out, seed=cfg.train.seed, **keep)
+            outputs[split] = out
+        else:
+            outputs[split] = complete(examples[split], out, **keep)
         if split == "train" and gc.samples:
             _sample_rounds(gc, sampled, examples[split], out)
         _write_manifest(out, source=source, decision=decision, cfg=cfg, prompts=len(examples[split]))
     return outputs
+
+
+def _answer_in_spans(gc, complete, examples: list, out: Path, *, seed: int, **keep) -> list:
+    """generate.max_seconds: the prompts in a seeded random order, 4 batches at a time (the backend sorts
+    each span by length), no span started after `max_seconds`, so what is answered is a random subset
+    whatever the machine's speed. The number answered is written to OUT.answered.json; a rerun answers
+    exactly those (the same data, so the same cache), resuming a span a kill cut short. Returns the
+    examples answered."""
+    record = out.with_name(out.name + ".answered.json")
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    todo = json.loads(record.read_text())["prompts"] if record.exists() else len(order)
+    span = 4 * gc.batch_size
+    started, answered = time.perf_counter(), 0
+    while answered < todo:
+        if not record.exists() and time.perf_counter() - started >= gc.max_seconds:
+            log.info("generate.max_seconds=%s: %d of %d prompts answered", gc.max_seconds, answered, len(order))
+            break
+        part = order[answered : min(answered + span, todo)]
+        complete(part, out, **keep)  # a rerun skips the ids already written
+        answered += len(part)
+    if not record.exists():
+        atomic_json(record, {"prompts": answered, "asked": len(order), "max_seconds": gc.max_seconds})
+    return order[:answered]
 
 
 def _sample_rounds(gc, sampled, examples: list, out: Path) -> int:
