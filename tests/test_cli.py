@@ -43,9 +43,20 @@ def test_config_print_shows_resolved_values_and_docs(tiny_config):
     assert yaml.safe_load(r.stdout)["train"]["lr"] == 0.01
 
 
+def say_prompts(tmp_path, n: int):
+    """A prompts file of n rows {"id": "p<i>", "prompt": "Say <i>."}."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(n)))
+    return path
+
+
+def answer_ids(out):
+    """The ids of a generated answers file, in file order."""
+    return [json.loads(x)["id"] for x in out.read_text().splitlines()]
+
+
 def test_generate_writes_messages_and_resumes(tiny_config, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(5)))
+    prompts = say_prompts(tmp_path, 5)
     out = tmp_path / "gen.jsonl"
     args = ("generate", tiny_config, f"generate.prompts={prompts}", f"generate.output={out}",
             "generate.max_new_tokens=6", "generate.batch_size=2")
@@ -56,15 +67,14 @@ def test_generate_writes_messages_and_resumes(tiny_config, tmp_path):
     # a torn last line (a kill mid-write) is cut, the missing answers redone, nothing duplicated
     out.write_text("\n".join(out.read_text().splitlines()[:2]) + '\n{"id": "p')
     assert _kdkit(*args).returncode == 0
-    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    ids = answer_ids(out)
     assert sorted(ids) == [f"p{i}" for i in range(5)]
 
 
 def test_generate_samples_adds_sampled_answers_per_prompt_and_resumes(tiny_config, tmp_path):
     """generate.samples=2: each prompt answered once as configured and twice sampled (ids ID~s1, ID~s2); a
     rerun writes nothing twice."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(3)))
+    prompts = say_prompts(tmp_path, 3)
     out = tmp_path / "gen.jsonl"
     args = ("generate", tiny_config, f"generate.prompts={prompts}", f"generate.output={out}",
             "generate.max_new_tokens=8", "generate.batch_size=2", "generate.samples=2", "generate.temperature=1.5")
@@ -83,34 +93,32 @@ def test_generate_samples_adds_sampled_answers_per_prompt_and_resumes(tiny_confi
 def test_generate_max_seconds_answers_a_random_subset_and_reruns_keep_it(tiny_config, tmp_path):
     """generate.max_seconds: prompts in a seeded random order, 4 batches a span, no span started past the
     budget; the count is recorded and a rerun with a larger budget answers exactly the same prompts."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(12)))
+    prompts = say_prompts(tmp_path, 12)
     out = tmp_path / "gen.jsonl"
     args = ["generate", tiny_config, f"generate.prompts={prompts}", f"generate.output={out}",
             "generate.max_new_tokens=3", "generate.batch_size=1", "generate.max_seconds=0.001"]
     assert _kdkit(*args).returncode == 0
-    ids = sorted(json.loads(x)["id"] for x in out.read_text().splitlines())
+    ids = sorted(answer_ids(out))
     assert len(ids) == 4 and ids != [f"p{i}" for i in range(4)]  # one span of 4 batches, not the file's first 4
     record = json.loads((tmp_path / "gen.jsonl.answered.json").read_text())
     assert record["prompts"] == 4 and record["asked"] == 12
     assert json.loads((tmp_path / "gen.jsonl.manifest.json").read_text())["prompts"] == 4
     args[-1] = "generate.max_seconds=1000"
     assert _kdkit(*args).returncode == 0
-    assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ids
+    assert sorted(answer_ids(out)) == ids
 
 
 def test_generate_samples_max_seconds_stops_rounds_and_reruns_keep_the_count(tiny_config, tmp_path):
     """No round of sampled answers starts past generate.samples_max_seconds; the rounds done are recorded and a
     rerun with a larger budget does exactly those (the same data, so a cache built on it stays valid)."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(2)))
+    prompts = say_prompts(tmp_path, 2)
     out = tmp_path / "gen.jsonl"
     args = ["generate", tiny_config, f"generate.prompts={prompts}", f"generate.output={out}",
             "generate.max_new_tokens=4", "generate.samples=3", "generate.samples_max_seconds=0.001"]
     assert _kdkit(*args).returncode == 0
-    ids = sorted(json.loads(x)["id"] for x in out.read_text().splitlines())
+    ids = sorted(answer_ids(out))
     assert ids == ["p0", "p0~s1", "p1", "p1~s1"]  # round 1 starts at once; round 2 would start past the budget
     assert json.loads((tmp_path / "gen.jsonl.samples.json").read_text())["rounds"] == 1
     args[-1] = "generate.samples_max_seconds=1000"
     assert _kdkit(*args).returncode == 0
-    assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ids
+    assert sorted(answer_ids(out)) == ids

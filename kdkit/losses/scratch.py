@@ -28,7 +28,6 @@ def scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torc
     return buf[:rows]
 
 
-
 def owned(t: torch.Tensor) -> bool:
     """Whether `t` is a view into one of the scratch buffers (the loss's own memory, free to overwrite)."""
     ptr = t.untyped_storage().data_ptr()
