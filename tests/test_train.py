@@ -409,3 +409,35 @@ def test_length_grouped_batches_pad_less_cover_the_stream_and_are_a_pure_functio
     assert seen != stream
     again = micro_batches(data, 37, batch_size=4, grad_accum=2, seed=1, pad_id=0, group_by_length=8)
     assert [b["ids"] for b in again] == [b["ids"] for b in grouped[37]]  # resuming at step 37 sees the same rows
+
+
+def test_checkpoints_follow_save_every_seconds(tiny_config, monkeypatch):
+    """train.save_every_seconds: a checkpoint at the first step boundary that long after the last began, on a
+    clock the test drives (each step takes 10 s), beside or instead of save_every; the last step's is the loop's."""
+    import kdkit.train.loop as loop
+
+    clock = {"t": 0.0}
+    seen = []
+
+    def tick(step):  # the clock advances 10 s per optimizer step
+        clock["t"] += 10.0
+        seen.append(step)
+
+    monkeypatch.setattr(loop.SaveCadence, "clock", staticmethod(lambda: clock["t"]))
+    plugins = loop.Plugins()
+    plugins.after_step.append(tick)
+    cases = {("train.save_every=0", "train.save_every_seconds=25"): [3, 6, 9, 10],
+             ("train.save_every=4", "train.save_every_seconds=25"): [3, 4, 7, 8, 10],
+             ("train.save_every=0",): [10]}
+    for overrides, expected in cases.items():
+        clock["t"], seen[:] = 0.0, []
+        cfg = load_config(tiny_config, ["train.max_steps=10", "train.keep_checkpoints=20", *overrides,
+                                        f"run.dir={tiny_config.parent / ('cadence-' + '-'.join(overrides))}"])
+        teacher = load_teacher(cfg)
+        student = build_student(cfg, teacher)[0]
+        data = tokenize_examples(load_examples(cfg.data.train), teacher.tokenizer, max_length=64)
+        signal_fn = online_signal_fn(teacher.model, vocab=len(teacher.tokenizer), provenance=teacher.provenance())
+        loop.distill(student, signal_fn, data, cfg, run_dir=Path(cfg.run.dir), vocab=len(teacher.tokenizer),
+                     pad_id=teacher.tokenizer.pad_token_id, plugins=plugins)
+        steps = sorted(int(p.name.split("-")[1]) for p in (Path(cfg.run.dir) / "checkpoints").iterdir())
+        assert steps == expected, overrides

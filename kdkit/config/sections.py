@@ -162,6 +162,10 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     log_every: int = Field(1, ge=1, description="write metrics every N steps")
     save_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0: only at the end)")
+    save_every_seconds: float | None = Field(
+        None, gt=0.0, description="also write one at the first step boundary this many seconds after the last began "
+        "(a checkpoint of a 64M student and its AdamW state took 1-3 s on 2 CPU cores: a cadence in time bounds the "
+        "work a kill loses and what the checkpoints cost on any machine)")
     keep_checkpoints: int = Field(2, ge=1, description="step checkpoints kept on disk")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (null: torch's default)")
     nonfinite: Literal["skip", "stop"] = Field(

@@ -399,6 +399,29 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+class SaveCadence:
+    """Whether step `step` ends with a checkpoint: every `train.save_every` steps and/or at the first step
+    boundary `train.save_every_seconds` after the last checkpoint began (the same answer on every rank);
+    never at the last step, whose checkpoint follows the loop."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, tc, ctx=None):
+        self.tc, self.ctx, self.last = tc, ctx, self.clock()
+
+    def __call__(self, step: int) -> bool:
+        tc = self.tc
+        if step >= tc.max_steps:
+            return False
+        due = bool(tc.save_every) and step % tc.save_every == 0
+        if not due and tc.save_every_seconds:
+            late = self.clock() - self.last >= tc.save_every_seconds
+            due = D.any_rank(self.ctx, late) if self.ctx is not None else late
+        if due:
+            self.last = self.clock()
+        return due
+
+
 def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str]) -> bool:
     """Clip and step; a non-finite loss or gradient skips the update (parameters, optimizer and
     schedule untouched) or stops the run, as `train.nonfinite` says. Returns whether it stepped."""
@@ -510,6 +533,7 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
         torch.manual_seed(tc.seed)
     writer = MetricsWriter(run_dir, start_step=start) if ctx.main else None
     history, bad_in_a_row, shown = [], 0, None
+    checkpoint_due = SaveCadence(tc, ctx)
     bar = tqdm(initial=start, total=tc.max_steps, desc="distill", unit="step", disable=not ctx.main)
     budget.start()
     step = start
@@ -545,7 +569,7 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
                     writer.close()
                 log.warning("preempted: checkpoint at step %d written; rerun with --resume", step + 1)
                 raise SystemExit(143)
-            if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.max_steps:
+            if checkpoint_due(step + 1):
                 save(step + 1)
             step += 1
             budget.after_step(step - start, ctx, main=ctx.main)

@@ -29,7 +29,7 @@ from kdkit.models import load as M
 from kdkit.models.attention import train_attention
 from kdkit.models.sequence import sequence_logps
 from kdkit.train.checkpoint import load_latest, save_checkpoint
-from kdkit.train.loop import Preemption, autocast, optimizer_step, pick_device
+from kdkit.train.loop import Preemption, SaveCadence, autocast, optimizer_step, pick_device
 from kdkit.train.metrics import MetricsWriter
 from kdkit.train.optim import build_optimizer
 from kdkit.train.setup import build_student, load_teacher
@@ -183,6 +183,7 @@ def optimize(model: torch.nn.Module, step_fn: Callable[[int], dict], tc: TrainCo
     else:
         torch.manual_seed(tc.seed)
     writer = MetricsWriter(run_dir, start_step=start)
+    checkpoint_due = SaveCadence(tc)
     history, bad_in_a_row = [], 0
     bar = tqdm(range(start, tc.max_steps), initial=start, total=tc.max_steps, desc=desc, unit="step")
     with Preemption() as preempt:
@@ -204,7 +205,7 @@ def optimize(model: torch.nn.Module, step_fn: Callable[[int], dict], tc: TrainCo
                 writer.close()
                 log.warning("preempted: checkpoint at step %d written; rerun with --resume", step + 1)
                 raise SystemExit(143)
-            if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.max_steps:
+            if checkpoint_due(step + 1):
                 save(step + 1)
     if start < tc.max_steps or not restored:
         save(tc.max_steps)
