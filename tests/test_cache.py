@@ -479,3 +479,33 @@ def test_cache_from_generation_equals_a_teacher_pass_and_the_answers_are_unchang
     assert load_captured(signal_dir(kept), k=8, temperature=2.0, weights="w2") == {}
     assert load_captured(signal_dir(kept), k=4, temperature=2.0, weights="w1") == {}
     assert load_captured(signal_dir(kept), k=8, temperature=1.0, weights="w1") == {}
+
+
+def test_decode_is_greedy_generate_token_for_token_and_finished_rows_leave_the_batch(teacher):
+    """kdkit.teacher.generate.decode, the loop every greedy answer now comes from, against transformers'
+    generate() on the same left-padded batch: the same tokens, pad after each row's end; the batch it
+    forwards shrinks as rows end (generate() computes every row until the longest one ends)."""
+    from kdkit.data.render import render_prompt
+    from kdkit.teacher.generate import decode
+
+    model, tok, _ = teacher
+    model = _ends_sometimes(model, tok)
+    prompts = [render_prompt(to_example(r, index=i, source="t"), tok) for i, r in enumerate(chat_rows(12, seed=3))]
+    batch = collate(prompts, prompts, pad_id=tok.pad_token_id, side="left")
+    width = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        ref = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=12,
+                             do_sample=False, top_k=None, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)[:, width:]
+    sizes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        got = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=12, pad_id=tok.pad_token_id,
+                     eos_id=tok.eos_token_id)
+    hook.remove()
+    assert torch.equal(got[:, : ref.shape[1]], ref) and bool((got[:, ref.shape[1]:] == tok.pad_token_id).all())
+    ended = (ref == tok.eos_token_id).any(dim=1)
+    assert 0 < int(ended.sum()) < len(prompts)  # some rows end early, some are cut
+    before_last = int((ref[:, :11] == tok.eos_token_id).any(dim=1).sum())  # left before the forward of step 11
+    assert len(sizes) == 12 and sizes[0] == len(prompts) and sizes[-1] == len(prompts) - before_last > 0
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]

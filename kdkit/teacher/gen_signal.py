@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from transformers import LogitsProcessor, StoppingCriteria
 
 log = logging.getLogger(__name__)
 
@@ -40,60 +39,49 @@ def signal_dir(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".topk")
 
 
-class Recorder(LogitsProcessor):
+class Recorder:
     """Keeps the top-k log-probs at `temperature` of every row's step logits until the row has all the rows
     its rendered turn needs; at step `max_new_tokens` forces the end of turn on rows that had not ended.
 
-    Place it first in the processor list: it records the raw logits, then only forcing changes them."""
+    Driven by `kdkit.teacher.generate.decode` step by step: `record` sees the raw logits of the rows still
+    decoding (before any other processor), `note` the tokens they chose; `complete` tells which rows have
+    every row they need (their end of turn and the step after it), so they leave the batch."""
 
     def __init__(self, *, batch: int, max_new_tokens: int, k: int, temperature: float, vocab: int, eos_id: int):
         from kdkit.teacher.cache import topk_rows  # the one top-k/tail computation of every cache
 
         self.topk_rows, self.k, self.temperature, self.vocab, self.eos_id = topk_rows, k, temperature, vocab, eos_id
         self.max_new = max_new_tokens
-        steps = max_new_tokens + 2
-        self.ids = torch.zeros(batch, steps, k, dtype=torch.int32)  # (B, S, k)
-        self.top = torch.zeros(batch, steps, k)  # (B, S, k)
-        self.tail = torch.zeros(batch, steps)  # (B, S)
+        self.steps = max_new_tokens + 2  # the end of turn of a cut answer and the step after an end of turn
+        self.ids = torch.zeros(batch, self.steps, k, dtype=torch.int32)  # (B, S, k)
+        self.top = torch.zeros(batch, self.steps, k)  # (B, S, k)
+        self.tail = torch.zeros(batch, self.steps)  # (B, S)
         self.ended = torch.full((batch,), -1, dtype=torch.long)  # (B,) step of each row's end of turn, -1: not yet
         self.step = 0
 
-    def needed(self) -> torch.Tensor:
-        """(B,) rows whose signal is still incomplete: not ended, or ended on the step just taken."""
-        return (self.ended < 0) | (self.ended >= self.step - 1)
-
-    def note(self, input_ids) -> None:
-        """Mark the rows whose last token (chosen at step `step` - 1) ends their turn; idempotent."""
-        if self.step > 0:
-            self.ended[(self.ended < 0) & (input_ids[:, -1].cpu() == self.eos_id)] = self.step - 1
-
-    def __call__(self, input_ids, scores):
-        self.note(input_ids)
+    def record(self, rows: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """rows (b,) of the batch whose step logits are scores (b, V): keep their top-k rows; returns the
+        scores to choose from (the end of turn forced on cut rows at step max_new_tokens)."""
         t = self.step
-        rows = self.needed().nonzero().squeeze(1)  # (b,)
-        if t < self.ids.shape[1] and len(rows):
-            ids, top, tail = self.topk_rows(scores[rows.to(scores.device), : self.vocab], k=self.k,
-                                            temperature=self.temperature)
-            self.ids[rows, t], self.top[rows, t], self.tail[rows, t] = ids.int().cpu(), top.cpu(), tail.cpu()
+        ids, top, tail = self.topk_rows(scores[:, : self.vocab], k=self.k, temperature=self.temperature)
+        self.ids[rows, t], self.top[rows, t], self.tail[rows, t] = ids.int().cpu(), top.cpu(), tail.cpu()
         self.step += 1
         if t == self.max_new:  # cut answers end here, as their rendered turn does
-            cut = (self.ended < 0).to(scores.device)
+            cut = (self.ended[rows] < 0).to(scores.device)
             scores = scores.clone()
             scores[cut] = -torch.inf
             scores[cut, self.eos_id] = 0.0
         return scores
 
+    def note(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """The tokens (b,) rows chose at the step just recorded: an end of turn ends its row there."""
+        new = (self.ended[rows] < 0) & (tokens.cpu() == self.eos_id)
+        self.ended[rows[new]] = self.step - 1
 
-class Done(StoppingCriteria):
-    """Stops each row once the step after its end of turn has been recorded."""
-
-    def __init__(self, recorder: Recorder):
-        self.recorder = recorder
-
-    def __call__(self, input_ids, scores, **kwargs):
-        r = self.recorder
-        r.note(input_ids)  # the token of step r.step - 1 was just appended
-        return ((r.ended >= 0) & (r.ended <= r.step - 2)).to(input_ids.device)  # (B,) the row after its end was kept
+    def complete(self, rows: torch.Tensor) -> torch.Tensor:
+        """(b,) whether each row has its rows through the step after its end of turn."""
+        ended = self.ended[rows]
+        return (ended >= 0) & (ended <= self.step - 2)
 
 
 def answer_length(recorder: Recorder, b: int) -> int:

@@ -8,6 +8,7 @@ format; the served backend (`kdkit.teacher.http`) writes through them too.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -16,12 +17,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from kdkit.data.collate import collate
 from kdkit.data.render import render_prompt
 from kdkit.data.sources import Example
-from kdkit.teacher.gen_signal import Done, Recorder, answer_length, save_batch, signal_dir
+from kdkit.teacher.gen_signal import Recorder, answer_length, save_batch, signal_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +64,23 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
             # the seed depends on the batch's first id, so resumed runs sample the same text
             torch.manual_seed(seed + sum(map(ord, chunk[0].id)))
             sampling = _sampling(do_sample, temperature, top_p)
-            recorder = None
-            # kept rows: two steps more and no stop at the end of turn (the rows after it are the cache's too);
-            # never under nucleus sampling, whose warpers change the logits before any processor sees them
-            if signal and not sampling.get("do_sample"):
-                recorder = Recorder(batch=len(chunk), max_new_tokens=max_new_tokens, k=signal["k"],
-                                    temperature=signal["temperature"], vocab=signal["vocab"],
-                                    eos_id=tokenizer.eos_token_id)
-                sampling["logits_processor"] = LogitsProcessorList([recorder, *sampling.get("logits_processor", [])])
+            hf = sampling.get("do_sample") or top_logprobs  # transformers' nucleus sampler / every step's logits
+            # kept rows: never under nucleus sampling, whose warpers change the logits before any processor sees them
+            recorder = (Recorder(batch=len(chunk), max_new_tokens=max_new_tokens, k=signal["k"],
+                                 temperature=signal["temperature"], vocab=signal["vocab"], eos_id=tokenizer.eos_token_id)
+                        if signal and not hf else None)
             with torch.no_grad():
-                out = model.generate(
-                    input_ids=batch["input_ids"].to(model.device),
-                    attention_mask=batch["attention_mask"].to(model.device),
-                    max_new_tokens=max_new_tokens + (2 if recorder else 0), pad_token_id=pad_id,
-                    eos_token_id=None if recorder else tokenizer.eos_token_id,
-                    stopping_criteria=StoppingCriteriaList([Done(recorder)] if recorder else []),
-                    output_logits=bool(top_logprobs), return_dict_in_generate=True, top_k=None, **sampling,
-                )
-            answers = out.sequences[:, batch["input_ids"].shape[1] :]  # (B, new)
+                if hf:
+                    out = model.generate(
+                        input_ids=batch["input_ids"].to(model.device),
+                        attention_mask=batch["attention_mask"].to(model.device), max_new_tokens=max_new_tokens,
+                        pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, output_logits=bool(top_logprobs),
+                        return_dict_in_generate=True, top_k=None, **sampling)
+                    answers = out.sequences[:, batch["input_ids"].shape[1] :]  # (B, new)
+                else:
+                    answers = decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                                     pad_id=pad_id, eos_id=tokenizer.eos_token_id, recorder=recorder,
+                                     processors=sampling.get("logits_processor", []))
             if recorder:  # each row up to its end of turn (excluded), as a stopped generation returns it
                 answers = [row[: answer_length(recorder, b)] for b, row in enumerate(answers)]
                 save_batch(signal_dir(out_path), [e.id for e in chunk], ids, [a.tolist() for a in answers],
@@ -96,6 +96,55 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
             bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
     return out_path
+
+
+def decode(model, input_ids, attention_mask, *, max_new_tokens: int, pad_id: int, eos_id: int,
+           recorder: Recorder | None = None, processors=()) -> torch.Tensor:
+    """Greedy decoding of a left-padded batch (B, P) on the KV cache, each row leaving the batch (its cache
+    rows included) as soon as it is done: transformers' generate() computes a finished row until the
+    longest one ends, ~22% of a batch's decoding when answers are cut at 96 tokens and 4 in 10 end
+    sooner. Done is the end of sequence, or with a `recorder` (the kept top-k rows) the step after the end
+    of turn, which it forces at `max_new_tokens` (two steps more). `processors` (e.g. GumbelMax) change
+    the logits after the recorder saw them. Returns (B, steps) tokens, pad_id after each row's end."""
+    from transformers import DynamicCache
+
+    device = model.device
+    steps = recorder.steps if recorder else max_new_tokens
+    out = torch.full((input_ids.shape[0], steps), pad_id, dtype=torch.long)
+    rows = torch.arange(input_ids.shape[0])  # the batch rows still decoding
+    mask = attention_mask.to(device)
+    position = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as generate() counts left padding
+    cache = DynamicCache(config=model.config)
+    # transformers 5.25 renamed the forward's `past_key_values` to `cache` (the old name goes in 5.40)
+    kv = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=position, use_cache=True,
+                   logits_to_keep=1, **kv).logits
+    position = position[:, -1:]
+    for t in range(steps):
+        scores = logits[:, -1, :].float()  # (b, V)
+        if recorder:
+            scores = recorder.record(rows, scores)
+        for processor in processors:
+            scores = processor(None, scores)
+        token = scores.argmax(-1)  # (b,)
+        out[rows, t] = token.cpu()
+        if recorder:
+            recorder.note(rows, token)
+            done = recorder.complete(rows)
+        else:
+            done = token.cpu() == eos_id
+        if bool(done.all()) or t + 1 == steps:
+            break
+        if bool(done.any()):  # the finished rows leave the batch and its cache
+            keep = (~done).nonzero().squeeze(1)
+            at = keep.to(device)
+            cache.batch_select_indices(at)
+            rows, token, mask, position = rows[keep], token[at], mask[at], position[at]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        position = position + 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, use_cache=True,
+                       **kv).logits
+    return out
 
 
 def sampled_round(examples: list[Example], j: int) -> list[Example]:
