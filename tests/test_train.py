@@ -441,3 +441,32 @@ def test_checkpoints_follow_save_every_seconds(tiny_config, monkeypatch):
                      pad_id=teacher.tokenizer.pad_token_id, plugins=plugins)
         steps = sorted(int(p.name.split("-")[1]) for p in (Path(cfg.run.dir) / "checkpoints").iterdir())
         assert steps == expected, overrides
+
+
+def test_compiled_layers_train_as_the_eager_ones(tiny_config):
+    """train.compile: the student's decoder layers run through torch.compile (one dynamic-shape graph for every
+    layer and batch length) and train to the eager run's losses and weights; the eager forwards are back after."""
+    import torch._dynamo
+
+    import kdkit.train.loop as loop
+    from kdkit.models.capture import decoder_layers
+
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = load_config(tiny_config, ["train.max_steps=4", "train.save_every=0", "train.precision=fp32",
+                                        f"train.compile={flag}", f"run.dir={tiny_config.parent / ('compile-' + flag)}"])
+        teacher = load_teacher(cfg)
+        student = build_student(cfg, teacher)[0]
+        data = tokenize_examples(load_examples(cfg.data.train), teacher.tokenizer, max_length=64)
+        signal_fn = online_signal_fn(teacher.model, vocab=len(teacher.tokenizer), provenance=teacher.provenance())
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        out = loop.distill(student, signal_fn, data, cfg, run_dir=Path(cfg.run.dir), vocab=len(teacher.tokenizer),
+                           pad_id=teacher.tokenizer.pad_token_id)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        runs[flag] = ([h["loss"] for h in out.history], _params(out.student), graphs)
+        assert all("forward" not in layer.__dict__ for layer in decoder_layers(out.student))  # eager again
+    (eager_loss, eager_w, eager_graphs), (comp_loss, comp_w, comp_graphs) = runs["false"], runs["true"]
+    assert eager_graphs == 0 and comp_graphs >= 1  # compiled only when asked
+    assert comp_loss == pytest.approx(eager_loss, rel=1e-4)
+    assert all(torch.allclose(comp_w[k], eager_w[k], rtol=1e-3, atol=1e-5) for k in eager_w)

@@ -7,8 +7,13 @@ so we run the decoder, pick those rows of the hidden states, and project just th
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 import torch
 from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 
 def decoder_hidden(model: PreTrainedModel, input_ids, attention_mask) -> torch.Tensor:
@@ -88,3 +93,26 @@ def supervised_logits(model: PreTrainedModel, batch: dict, *, vocab: int | None 
     hidden = decoder_hidden(model, batch["input_ids"], decoder_mask(batch))  # (B, T, H)
     rows, targets = supervised_rows(hidden, batch)  # (N, H), (N,)
     return project(model, rows, vocab=vocab), targets
+
+
+def compile_layers(model: PreTrainedModel, *, device: torch.device) -> Callable[[], None] | None:
+    """torch.compile each decoder layer's forward in place, with dynamic shapes (batches of every length
+    share one graph; parameters are graph inputs, so the same compiled code serves all layers): the
+    norms, rotary, SiLU and casts around the GEMMs fuse. Returns the undo (the eager forwards back, e.g.
+    before evaluation), or None where it cannot run: inductor on CPU needs a C++ compiler."""
+    import shutil
+
+    from kdkit.models.capture import decoder_layers
+
+    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        log.warning("train.compile: no C++ compiler on PATH (torch.compile's CPU backend needs one); training eagerly")
+        return None
+    layers = list(decoder_layers(model))
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+
+    def undo() -> None:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+    return undo

@@ -27,7 +27,8 @@ from kdkit.data.collate import batch_order, collate, length_grouped
 from kdkit.data.render import TokenizedData
 from kdkit.losses import DIVERGENCES, distill_loss, forward_kl, fused_distill_loss, sparse_divergence
 from kdkit.models.attention import train_attention
-from kdkit.models.forward import HOST_PLAN, decoder_hidden, decoder_mask, supervised_logits, supervised_rows, with_host_plan
+from kdkit.models.forward import (HOST_PLAN, compile_layers, decoder_hidden, decoder_mask, supervised_logits,
+                                  supervised_rows, with_host_plan)
 from kdkit.models.vocab_map import shared_vocab_metrics
 from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
 from kdkit.train import dist as D
@@ -503,6 +504,18 @@ class TimeBudget:
         self.started = time.perf_counter()
 
 
+def compiled_layers(student, tc, ctx, device) -> Callable[[], None] | None:
+    """train.compile: the student's decoder layers through torch.compile (kdkit.models.forward.compile_layers);
+    returns the undo. Single-process runs without gradient checkpointing only (not measured with DDP/FSDP2)."""
+    if not tc.compile:
+        return None
+    if ctx.mode != "none" or tc.gradient_checkpointing:
+        log.warning("train.compile: not applied with %s; training eagerly",
+                    "train.gradient_checkpointing" if tc.gradient_checkpointing else f"distributed={ctx.mode}")
+        return None
+    return compile_layers(student, device=device)
+
+
 def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, run_dir: Path, vocab: int,
             pad_id: int, resume: bool = False, plugins: Plugins | None = None) -> TrainResult:
     """Train `student` against `signal_fn` for cfg.train.max_steps optimizer steps (on every rank of
@@ -515,6 +528,7 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
     device = pick_device(tc.device)
     enable_tf32(device)
     train_attention(student)  # CPU bf16: a faster attention backward (kdkit.models.attention)
+    eager = compiled_layers(student, tc, ctx, device)
     runner = D.prepare_student(student, ctx, tc, device)
     model = trained_module(runner, plugins)  # student (+ projectors, learned weights)
     model.to(device).train()
@@ -577,6 +591,8 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
             bar.update(1)
     bar.close()
     save(tc.max_steps)
+    if eager:
+        eager()  # evaluation and saving see the eager layers
     if writer:
         writer.close()
     model.eval()
