@@ -56,7 +56,10 @@ class Teacher:
         if model.dtype == dtype and model.device == device:
             return model
         self._held = None  # the old copy freed before the new one is made
-        self._held = (dtype, device, M.contiguous_head(copy.deepcopy(model).to(device=device, dtype=dtype)))
+        # the copy's parameters are cast as they are copied (a deepcopy memo): never a second full fp32 teacher
+        memo = {id(p): torch.nn.Parameter(p.detach().to(device=device, dtype=dtype if p.is_floating_point() else p.dtype),
+                                          requires_grad=p.requires_grad) for p in model.parameters()}
+        self._held = (dtype, device, M.contiguous_head(copy.deepcopy(model, memo).to(device=device, dtype=dtype)))
         return self._held[2]
 
     def release_loaded(self) -> bool:
