@@ -2,6 +2,7 @@
 
     python benchmarks/quickstart_step.py runs/quickstart              # after a `kdkit quickstart`
     python benchmarks/quickstart_step.py runs/quickstart --steps 40 --every 10
+    python benchmarks/quickstart_step.py runs/quickstart train.compile=false     # eager (the quickstart compiles)
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/quickstart_step.py runs/quickstart
 
 It rebuilds exactly what `kdkit distill` trains in RUN_DIR (its config.yaml, its pruned student, its
@@ -40,7 +41,7 @@ def main() -> None:
     from kdkit.config import load_config
     from kdkit.losses import fused_distill_loss
     from kdkit.models.attention import train_attention
-    from kdkit.models.forward import decoder_hidden, decoder_mask, supervised_rows, with_host_plan
+    from kdkit.models.forward import compile_layers, decoder_hidden, decoder_mask, supervised_rows, with_host_plan
     from kdkit.recipes.distill import signal_source
     from kdkit.train.loop import autocast, compute_dtype, micro_batches, optimizer_step, train_step
     from kdkit.train.optim import build_optimizer
@@ -53,6 +54,8 @@ def main() -> None:
     train = tokenize_file(cfg.data.train, tok, cfg, key="data.train")
     signal_fn, vocab = signal_source(cfg, teacher, tok, student, train)
     train_attention(student)  # as `kdkit distill` does
+    if cfg.train.compile:  # as `kdkit distill` does with train.compile (the first step compiles)
+        compile_layers(student, device=torch.device("cpu"))
     student.train()
     opt, sched = build_optimizer(student, cfg.train)
     tc, device = cfg.train, torch.device("cpu")
