@@ -411,6 +411,18 @@ def test_length_grouped_batches_pad_less_cover_the_stream_and_are_a_pure_functio
     assert [b["ids"] for b in again] == [b["ids"] for b in grouped[37]]  # resuming at step 37 sees the same rows
 
 
+
+def _loop(cfg, **kw):
+    """kdkit.train.loop.distill on the tiny teacher, its fresh student and data, with the online signal."""
+    from kdkit.train.loop import distill as train
+
+    teacher = load_teacher(cfg)
+    student = build_student(cfg, teacher)[0]
+    data = tokenize_examples(load_examples(cfg.data.train), teacher.tokenizer, max_length=64)
+    signal_fn = online_signal_fn(teacher.model, vocab=len(teacher.tokenizer), provenance=teacher.provenance())
+    return train(student, signal_fn, data, cfg, run_dir=Path(cfg.run.dir), vocab=len(teacher.tokenizer),
+                 pad_id=teacher.tokenizer.pad_token_id, **kw)
+
 def test_checkpoints_follow_save_every_seconds(tiny_config, monkeypatch):
     """train.save_every_seconds: a checkpoint at the first step boundary that long after the last began, on a
     clock the test drives (each step takes 10 s), beside or instead of save_every; the last step's is the loop's."""
@@ -433,12 +445,7 @@ def test_checkpoints_follow_save_every_seconds(tiny_config, monkeypatch):
         clock["t"], seen[:] = 0.0, []
         cfg = load_config(tiny_config, ["train.max_steps=10", "train.keep_checkpoints=20", *overrides,
                                         f"run.dir={tiny_config.parent / ('cadence-' + '-'.join(overrides))}"])
-        teacher = load_teacher(cfg)
-        student = build_student(cfg, teacher)[0]
-        data = tokenize_examples(load_examples(cfg.data.train), teacher.tokenizer, max_length=64)
-        signal_fn = online_signal_fn(teacher.model, vocab=len(teacher.tokenizer), provenance=teacher.provenance())
-        loop.distill(student, signal_fn, data, cfg, run_dir=Path(cfg.run.dir), vocab=len(teacher.tokenizer),
-                     pad_id=teacher.tokenizer.pad_token_id, plugins=plugins)
+        _loop(cfg, plugins=plugins)
         steps = sorted(int(p.name.split("-")[1]) for p in (Path(cfg.run.dir) / "checkpoints").iterdir())
         assert steps == expected, overrides
 
@@ -457,14 +464,9 @@ def test_compiled_layers_train_as_the_eager_ones(tiny_config, precision, tol):
         cfg = load_config(tiny_config, ["train.max_steps=4", "train.save_every=0", f"train.precision={precision}",
                                         f"train.compile={flag}",
                                         f"run.dir={tiny_config.parent / f'compile-{precision}-{flag}'}"])
-        teacher = load_teacher(cfg)
-        student = build_student(cfg, teacher)[0]
-        data = tokenize_examples(load_examples(cfg.data.train), teacher.tokenizer, max_length=64)
-        signal_fn = online_signal_fn(teacher.model, vocab=len(teacher.tokenizer), provenance=teacher.provenance())
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        out = loop.distill(student, signal_fn, data, cfg, run_dir=Path(cfg.run.dir), vocab=len(teacher.tokenizer),
-                           pad_id=teacher.tokenizer.pad_token_id)
+        out = _loop(cfg)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         runs[flag] = ([h["loss"] for h in out.history], _params(out.student), graphs)
         assert all("forward" not in layer.__dict__ for layer in decoder_layers(out.student))  # eager again
