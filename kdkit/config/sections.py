@@ -164,8 +164,9 @@ class TrainConfig(Section):
     save_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0: only at the end)")
     compile: bool = Field(
         False, description="torch.compile the student's decoder layers (dynamic shapes, one graph for every layer and "
-        "batch length): on a 2-core CPU the quickstart's step at 1.25x the tokens/s (1.13x over a whole run) after ~30 s "
-        "of compiling; needs a C++ compiler on CPU (without one: a warning, eager); single-process runs without gradient checkpointing")
+        "batch length): on a 2-core CPU the quickstart's step at 1.25x the tokens/s (1.13x over a whole run) after "
+        "~30 s of compiling; needs a C++ compiler on CPU (without one: a warning, eager); single-process runs "
+        "without gradient checkpointing")
     save_every_seconds: float | None = Field(
         None, gt=0.0, description="also write one at the first step boundary this many seconds after the last began "
         "(a checkpoint of a 64M student and its AdamW state took 1-3 s on 2 CPU cores: a cadence in time bounds the "

@@ -67,8 +67,8 @@ def generate_answers(model, tokenizer, examples: list[Example], out_path: Path, 
             hf = sampling.get("do_sample") or top_logprobs  # transformers' nucleus sampler / every step's logits
             # kept rows: never under nucleus sampling, whose warpers change the logits before any processor sees them
             recorder = (Recorder(batch=len(chunk), max_new_tokens=max_new_tokens, k=signal["k"],
-                                 temperature=signal["temperature"], vocab=signal["vocab"], eos_id=tokenizer.eos_token_id)
-                        if signal and not hf else None)
+                                 temperature=signal["temperature"], vocab=signal["vocab"],
+                                 eos_id=tokenizer.eos_token_id) if signal and not hf else None)
             with torch.no_grad():
                 if hf:
                     out = model.generate(
@@ -103,8 +103,8 @@ def decode(model, input_ids, attention_mask, *, max_new_tokens: int, pad_id: int
     """Greedy decoding of a left-padded batch (B, P) on the KV cache, each row leaving the batch (its cache
     rows included) as soon as it is done: transformers' generate() computes a finished row until the
     longest one ends, 26% of the row-steps of the quickstart's batches (58% of its answers run to the
-    96-token cap, the rest end sooner). Done is the end of sequence, or with a `recorder` (the kept top-k rows) the step after the end
-    of turn, which it forces at `max_new_tokens` (two steps more). `processors` (e.g. GumbelMax) change
+    96-token cap, the rest end sooner). Done is the end of sequence, or with a `recorder` (the kept top-k
+    rows) the step after the end of turn, which it forces at `max_new_tokens` (two steps more). `processors` (e.g. GumbelMax) change
     the logits after the recorder saw them. Returns (B, steps) tokens, pad_id after each row's end."""
     from transformers import DynamicCache
 

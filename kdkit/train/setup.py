@@ -57,7 +57,7 @@ class Teacher:
             return model
         self._held = None  # the old copy freed before the new one is made
         # the copy's parameters are cast as they are copied (a deepcopy memo): never a second full fp32 teacher
-        memo = {id(p): torch.nn.Parameter(p.detach().to(device=device, dtype=dtype if p.is_floating_point() else p.dtype),
+        memo = {id(p): torch.nn.Parameter(p.detach().to(device, dtype if p.is_floating_point() else p.dtype),
                                           requires_grad=p.requires_grad) for p in model.parameters()}
         self._held = (dtype, device, M.contiguous_head(copy.deepcopy(model, memo).to(device=device, dtype=dtype)))
         return self._held[2]
