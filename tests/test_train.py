@@ -383,6 +383,21 @@ def test_online_bf16_teacher_frees_its_fp32_weights_while_training(tiny_config, 
     assert teacher.held(torch.bfloat16, torch.device("cpu")) is seen["held"][2]  # the copy kept, not re-made
 
 
+def test_a_run_without_evaluation_never_loads_the_released_teacher_again(tiny_config, monkeypatch):
+    """With no held-out data nothing needs the fp32 weights after training: the model card's parameter
+    count comes from the bf16 copy (loading them again to count them was the peak memory of such a run)."""
+    import kdkit.models.load as M
+
+    cfg = load_config(tiny_config, ["train.max_steps=2", "train.save_every=0", "teacher.dtype=bf16", "data.eval=null"])
+    teacher = load_teacher(cfg)
+    expected = M.count_parameters(teacher.model)
+    loads, real = [], M.load_model
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    out = distill.run(cfg, teacher=teacher)
+    assert loads == [] and teacher._model is None  # released for training, not loaded again after it
+    assert f"{expected:,} parameters" in (out["student_dir"] / "README.md").read_text()
+
+
 def test_length_grouped_batches_pad_less_cover_the_stream_and_are_a_pure_function_of_the_step():
     from collections import Counter
 

@@ -156,7 +156,7 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
         table = markdown_table(metrics)
         write_report(metrics, run_dir, extra={"train_steps": result.steps, "general": general_metrics})
     card = model_card(teacher=teacher, init=init, student_params=count_parameters(student),
-                      teacher_params=count_parameters(teacher.model), cfg=cfg, eval_table=table, steps=result.steps,
+                      teacher_params=teacher.num_parameters, cfg=cfg, eval_table=table, steps=result.steps,
                       license_decision=licence)
     student_dir = save_student(student, tok, run_dir / "student", card=card)
     return {"run_dir": run_dir, "student_dir": student_dir, "metrics": metrics, "table": table,

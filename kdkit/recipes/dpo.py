@@ -48,7 +48,7 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
                "pair accuracy before": before["accuracy"], "pair accuracy after": after["accuracy"],
                "beta": cfg.preference.beta, "label smoothing": cfg.preference.label_smoothing}
     card = model_card(teacher=teacher, init=init, student_params=count_parameters(student),
-                      teacher_params=count_parameters(teacher.model), cfg=cfg, eval_table=table)
+                      teacher_params=teacher.num_parameters, cfg=cfg, eval_table=table)
     card += "\n" + card_section(cfg, method="DPO (sigmoid loss)", results=results)
     student_dir = save_student(student, tok, run_dir / "student", card=card)
     return {"run_dir": run_dir, "student_dir": student_dir, "history": history, "pairs_before": before,

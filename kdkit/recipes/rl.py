@@ -104,7 +104,7 @@ def run(cfg: Config, *, resume: bool = False, teacher=None) -> dict:
                "final reward": history[-1]["reward"] if history else float("nan"),
                "final KL to reference": history[-1]["kl"] if history else float("nan")}
     card = model_card(teacher=teacher, init=init, student_params=count_parameters(student),
-                      teacher_params=count_parameters(teacher.model), cfg=cfg, eval_table=table)
+                      teacher_params=teacher.num_parameters, cfg=cfg, eval_table=table)
     card += "\n" + card_section(cfg, method="GRPO-style policy gradient with a KL penalty", results=results)
     student_dir = save_student(student, tok, run_dir / "student", card=card)
     return {"run_dir": run_dir, "student_dir": student_dir, "history": history, "metrics": metrics,

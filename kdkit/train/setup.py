@@ -34,6 +34,7 @@ class Teacher:
         self.license = M.read_license(self.source, tc.license)
         self._model = None
         self._held = None  # (dtype, device, model): the forward-only copy `held` made
+        self._params: int | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -41,6 +42,15 @@ class Teacher:
             log.info("loading teacher %s", self.source.id)
             self._model = M.freeze(M.load_model(self.source, trust_remote_code=self.trust_remote_code))
         return self._model
+
+    @property
+    def num_parameters(self) -> int:
+        """The teacher's parameter count (a model card's), from the held copy where the weights as loaded
+        were released: counting them must not load them again (a second de-quantised teacher at the end
+        of a run without evaluation was its peak memory)."""
+        if self._params is None:
+            self._params = M.count_parameters(self._held[2] if self._held is not None else self.model)
+        return self._params
 
     def reload(self) -> None:
         """Drop the weights (e.g. FSDP2 shards, unusable once training ends); `model` loads them again."""
