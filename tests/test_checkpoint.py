@@ -51,6 +51,24 @@ def test_schedule_warms_up_then_decays_to_floor():
     f = [lr_factor(s, warmup=2, total=10, floor=0.1) for s in range(12)]
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
     assert all(a >= b for a, b in zip(f[2:], f[3:])) and abs(f[10] - 0.1) < 1e-12
+    line = [lr_factor(s, warmup=2, total=10, floor=0.0, shape="linear") for s in range(12)]
+    assert line[:2] == [0.5, 1.0] and line[6] == 0.5 and line[10] == 0.0  # half-way down at step 6 of 2..10
+    assert all(abs((a - b) - 0.125) < 1e-12 for a, b in zip(line[2:10], line[3:11]))  # a straight line
+
+
+def test_linear_schedule_reaches_the_optimizer(tmp_path):
+    from kdkit.config import load_config
+
+    model = torch.nn.Linear(2, 2)
+    tc = load_config(None, ["train.schedule=linear", "train.min_lr_ratio=0", "train.warmup_steps=0",
+                            "train.max_steps=4", "train.lr=1.0"]).train
+    opt, sched = build_optimizer(model, tc)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [1.0, 0.75, 0.5, 0.25]
 
 
 class _Evil:

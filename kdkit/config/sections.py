@@ -148,7 +148,10 @@ class TrainConfig(Section):
         "micro-batches, each sorted by length, cut, and its micro-batches shuffled), so little of a batch is padding; "
         "0 or 1: plain shuffled batches")
     lr: float = Field(5e-4, gt=0.0, description="peak learning rate (AdamW)")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine schedule floor, as a fraction of lr")
+    schedule: Literal["cosine", "linear"] = Field(
+        "cosine", description="after the warm-up, the lr falls to min_lr_ratio·lr over the run's steps: on a cosine, or "
+        "on a straight line")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="the schedule's floor, as a fraction of lr")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")

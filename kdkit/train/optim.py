@@ -1,4 +1,4 @@
-"""AdamW with linear warm-up and a cosine decay to a floor."""
+"""AdamW with linear warm-up and a cosine or linear decay to a floor."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import torch
 from kdkit.config import TrainConfig
 
 
-def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
-    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then cosine down to `floor`."""
+def lr_factor(step: int, *, warmup: int, total: int, floor: float, shape: str = "cosine") -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then down to `floor` on a cosine or
+    (`shape="linear"`) a straight line."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    fall = 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * fall
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
@@ -30,6 +32,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **({"fused": True} if fused else {"foreach": False}))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=cfg.max_steps, floor=cfg.min_lr_ratio)
+        opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=cfg.max_steps, floor=cfg.min_lr_ratio,
+                            shape=cfg.schedule)
     )
     return opt, sched
