@@ -3,6 +3,7 @@
     python benchmarks/step_floor.py                                  # quickstart shape, then the large one
     python benchmarks/step_floor.py --shape quickstart --repeats 3
     python benchmarks/step_floor.py --shape large --teacher-layers 2 --student-layers 1 --repeats 1
+    python benchmarks/step_floor.py --run-dir runs/quickstart        # the quickstart's own step, as it trains
     python benchmarks/step_floor.py --device cuda --precision bf16 --shape large --teacher-layers 24 \
         --student-layers 12 --json $OUT/step.json                     # benchmarks/gpu_check.sh
 
@@ -15,6 +16,11 @@ The step is exactly what `kdkit distill` runs per optimizer step: `kdkit.train.l
   large       Qwen2.5-0.5B-shaped (hidden 896, 14/2 heads, inter 4864, V 151,936, tied); batch 16 × 320
               tokens with 256 supervised per row: N = 4,096 rows. 24/12 layers on a GPU; on a CPU the
               layer counts are scaled down (--teacher-layers/--student-layers; the head dominates anyway)
+
+  --run-dir   the step a finished run trains, rebuilt from RUN_DIR as benchmarks/quickstart_step.py does
+              (its config.yaml: the pruned student, the top-k cache as the signal, train.compile; one
+              length-grouped batch of its data, the same every step). GEMMs and host syncs are recorded
+              on the eager layers (the compiled ones issue the same GEMMs), the step is timed compiled.
 
 The floor: one extra step runs under a dispatch mode that records every GEMM the step issues
 (aten mm/addmm/addmm_/bmm/baddbmm, forward and backward, with shapes, strides and dtype; CPU flash
@@ -150,6 +156,58 @@ class Bench:
         self.loop.optimizer_step(self.student, self.opt, self.sched, m, self.cfg.train, step=1, ids=[])
         sync(self.device)
         return m
+
+
+class RunBench(Bench):
+    """The step a finished `kdkit quickstart` / `kdkit distill` run trains: its config, pruned student,
+    cache signal and data (benchmarks/quickstart_step.py builds the same); `eager()` undoes train.compile."""
+
+    def __init__(self, run_dir: Path, overrides: list[str], *, device: torch.device):
+        from kdkit.config import load_config
+        from kdkit.models.attention import train_attention
+        from kdkit.models.forward import compile_layers
+        from kdkit.recipes.distill import signal_source
+        from kdkit.train import loop
+        from kdkit.train.optim import build_optimizer
+        from kdkit.train.setup import build_student, load_teacher, tokenize_file
+
+        self.loop, self.device = loop, device
+        self.cfg = load_config(run_dir / "config.yaml", [f"run.dir={run_dir / 'bench'}",
+                                                         f"teacher.cache_dir={run_dir / 'cache'}", *overrides])
+        self.cfg.train.max_steps = 10_000  # a flat schedule: every timed step does the same work
+        teacher = load_teacher(self.cfg)
+        self.student, tok, _ = build_student(self.cfg, teacher)
+        train = tokenize_file(self.cfg.data.train, tok, self.cfg, key="data.train")
+        self.signal_fn, self.vocab = signal_source(self.cfg, teacher, tok, self.student, train)
+        del teacher
+        train_attention(self.student)
+        self._compile = lambda: compile_layers(self.student, device=device) if self.cfg.train.compile else None
+        self.undo = self._compile()
+        self.student.train()
+        self.opt, self.sched = build_optimizer(self.student, self.cfg.train)
+        tc = self.cfg.train
+        self.batches = loop.micro_batches(train, 3, batch_size=tc.batch_size, grad_accum=1, seed=tc.seed,
+                                          pad_id=tok.pad_token_id, group_by_length=tc.group_by_length)[:1]
+        b = self.batches[0]
+        self.tokens = int(b["attention_mask"].sum())
+        self.rows = int((b["labels"][:, 1:] != -100).sum())
+        self.seq = tuple(b["input_ids"].shape)
+        self.lazy_metrics = True
+        c = self.student.config
+        self.shape = dict(vocab=self.vocab, hidden=c.hidden_size, layers=c.num_hidden_layers,
+                          compiled=self.undo is not None)
+
+    @contextlib.contextmanager
+    def eager(self):
+        """The layers' eager forwards meanwhile (recording GEMMs and syncs), compiled again after."""
+        if self.undo is None:
+            yield
+            return
+        self.undo()
+        try:
+            yield
+        finally:
+            self.undo = self._compile()
 
 
 # ---------------------------------------------------------------- phases
@@ -397,29 +455,43 @@ def cuda_sync_count(bench: Bench) -> int:
 
 
 def run_shape(name: str, args) -> dict:
-    shape = dict(SHAPES[name])
     device = torch.device(args.device)
-    if name == "large" and device.type == "cpu":
-        shape.update(CPU_LARGE)
-    shape["batch"] = args.batch or shape["batch"]
-    tl, sl = args.teacher_layers or shape["teacher_layers"], args.student_layers or shape["student_layers"]
     t_build = time.perf_counter()
-    bench = Bench(shape, teacher_layers=tl, student_layers=sl, device=device, precision=args.precision,
-                  compiled=args.compiled)
-    dtype = bench.loop.compute_dtype(device, args.precision)
-    print(f"\n== {name}: teacher {tl} layers, student {sl} layers, hidden {shape['hidden']}, V {shape['vocab']:,}; "
-          f"batch {tuple(bench.seq)}, {bench.tokens:,} tokens, N = {bench.rows:,} supervised rows; "
-          f"{str(dtype).removeprefix('torch.')} on {device}, threads {torch.get_num_threads()}, "
-          f"loss.compile={args.compiled} (built in {time.perf_counter() - t_build:.0f}s)", flush=True)
-    for _ in range(args.warmup):
+    if name == "run":
+        bench = RunBench(Path(args.run_dir), args.overrides, device=device)
+        shape, tl, sl = bench.shape, 0, bench.shape["layers"]
+        dtype = bench.loop.compute_dtype(device, bench.cfg.train.precision)
+        print(f"\n== {args.run_dir}: the run's own step (cache signal, no teacher), student {sl} layers, hidden "
+              f"{shape['hidden']}, V {shape['vocab']:,}; batch {tuple(bench.seq)}, {bench.tokens:,} tokens, "
+              f"N = {bench.rows:,} supervised rows; {str(dtype).removeprefix('torch.')} on {device}, threads "
+              f"{torch.get_num_threads()}, train.compile={shape['compiled']} (built in "
+              f"{time.perf_counter() - t_build:.0f}s)", flush=True)
+    else:
+        shape = dict(SHAPES[name])
+        if name == "large" and device.type == "cpu":
+            shape.update(CPU_LARGE)
+        shape["batch"] = args.batch or shape["batch"]
+        tl, sl = args.teacher_layers or shape["teacher_layers"], args.student_layers or shape["student_layers"]
+        bench = Bench(shape, teacher_layers=tl, student_layers=sl, device=device, precision=args.precision,
+                      compiled=args.compiled)
+        dtype = bench.loop.compute_dtype(device, args.precision)
+        print(f"\n== {name}: teacher {tl} layers, student {sl} layers, hidden {shape['hidden']}, "
+              f"V {shape['vocab']:,}; batch {tuple(bench.seq)}, {bench.tokens:,} tokens, N = {bench.rows:,} "
+              f"supervised rows; {str(dtype).removeprefix('torch.')} on {device}, threads "
+              f"{torch.get_num_threads()}, loss.compile={args.compiled} (built in "
+              f"{time.perf_counter() - t_build:.0f}s)", flush=True)
+    eager = bench.eager if isinstance(bench, RunBench) else contextlib.nullcontext
+    with eager():  # GEMMs and syncs on the eager layers: compiled ones issue the same GEMMs
         bench.step(logging=True)
-    recorder_phases = Phases(bench, synchronise=False)
-    with recorder_phases.installed(), GemmRecorder(recorder_phases) as rec:
+        recorder_phases = Phases(bench, synchronise=False)
+        with recorder_phases.installed(), GemmRecorder(recorder_phases) as rec:
+            bench.step(logging=True)
+        syncs = {lg: audit_syncs(bench, logging=lg) if args.sync_audit else Counter() for lg in (False, True)}
+    for _ in range(args.warmup + (2 if isinstance(bench, RunBench) else 0)):  # a compiled run: its first steps
         bench.step(logging=True)
     floor = Floor(rec.gemms, device)
     floor.run()  # warm
     gflop = sum(flops(g) for g in rec.gemms) / 1e9
-    syncs = {lg: audit_syncs(bench, logging=lg) if args.sync_audit else Counter() for lg in (False, True)}
     cuda_syncs = cuda_sync_count(bench) if device.type == "cuda" else None
     load = [open("/proc/loadavg").read().split()[0]] if os.path.exists("/proc/loadavg") else []
     rows = defaultdict(list)
@@ -476,7 +548,8 @@ def print_shape(r: dict) -> None:
         for k in PHASES:
             fl = r["floor_phases"].get(k, 0.0)
             ratio = f"{ph[k] / fl:7.2f}x" if fl > 1e-4 else ""
-            print(f"    {k:22}{ph[k]:9.3f}{fl:9.3f}{ratio}")
+            label = "signal (cache read)" if r["shape"] == "run" and k == "teacher forward" else k
+            print(f"    {label:22}{ph[k]:9.3f}{fl:9.3f}{ratio}")
     print(f"host syncs per optimizer step (1 micro-batch): {r['syncs'][False]} not logging, {r['syncs'][True]} logging")
     if r["cuda_syncs"] is not None:
         print(f"CUDA syncs per step (torch.cuda.set_sync_debug_mode, a not-logging step): {r['cuda_syncs']}")
@@ -502,10 +575,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (H200 bf16 dense: 989)")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    ap.add_argument("--run-dir", help="the step of this finished run instead of a shape (see the module doc)")
+    ap.add_argument("overrides", nargs="*", help="with --run-dir: config overrides, e.g. train.compile=false")
+    args = ap.parse_intermixed_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    names = list(SHAPES) if args.shape == "both" else [args.shape]
+    names = ["run"] if args.run_dir else list(SHAPES) if args.shape == "both" else [args.shape]
     results = [run_shape(n, args) for n in names]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
