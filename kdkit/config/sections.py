@@ -149,8 +149,8 @@ class TrainConfig(Section):
         "0 or 1: plain shuffled batches")
     lr: float = Field(5e-4, gt=0.0, description="peak learning rate (AdamW)")
     schedule: Literal["cosine", "linear"] = Field(
-        "cosine", description="after the warm-up, the lr falls to min_lr_ratio·lr over the run's steps: on a cosine, or "
-        "on a straight line")
+        "cosine", description="after the warm-up the lr falls to min_lr_ratio·lr over the run's steps, on a cosine "
+        "or on a straight line")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="the schedule's floor, as a fraction of lr")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
