@@ -426,7 +426,8 @@ def test_vocab_pad_to_below_tokenizer_size_is_refused(tmp_path):
 def test_no_held_out_prompt_or_near_duplicate_reaches_the_quickstart_training_prompts():
     """The shipped instructions: no train prompt is a MinHash near-duplicate (est. Jaccard ≥ 0.5 on
     word 3-shingles) or a normalised exact copy of a held-out one, nor of the 40 prompts of
-    benchmarks/unseen_eval.py (the check on prompts the project has never trained on)."""
+    benchmarks/unseen_eval.py (the check on prompts the project has never trained on); the same for the
+    1,399 extra prompts of benchmarks/data/more_prompts.jsonl (README: more prompts at equal wall clock)."""
     from importlib.resources import files
     from pathlib import Path
 
@@ -435,10 +436,12 @@ def test_no_held_out_prompt_or_near_duplicate_reaches_the_quickstart_training_pr
     root = files("kdkit") / "assets" / "instructions"
     read = lambda path: [json.loads(x)["prompt"] for x in path.read_text().splitlines() if x.strip()]
     held, train = read(root / "heldout.jsonl"), read(root / "train.jsonl")
-    unseen = read(Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "unseen_prompts.jsonl")
-    assert len(held) == 48 and len(unseen) == 40 and len(train) >= 1500
-    assert len({normalise(t) for t in train}) == len(train)  # no prompt twice
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+    unseen, more = read(bench / "unseen_prompts.jsonl"), read(bench / "more_prompts.jsonl")
+    assert len(held) == 48 and len(unseen) == 40 and len(train) >= 1500 and len(more) >= 1300
+    assert len({normalise(t) for t in train + more}) == len(train) + len(more)  # no prompt twice
     assert near_copies(train, held) == [] and near_copies(train, unseen) == []
+    assert near_copies(more, held) == [] and near_copies(more, unseen) == []  # the extra prompts' experiment
     # the check itself can fail: a held-out prompt with one word changed is caught
     probe = held[0].replace(held[0].split()[-1], "today?")
     assert near_copies([probe, "Name a colour."], held) == [(probe, held[0])]
