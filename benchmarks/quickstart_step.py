@@ -30,6 +30,27 @@ def rss_gb() -> float:
     return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1e6
 
 
+def rebuild(run_dir: Path, overrides: list[str]):
+    """What `kdkit distill` trains in RUN_DIR: (cfg, student, tokenizer, data, signal_fn, vocab, undo), the
+    student switched to kdkit's CPU attention and, with train.compile, its layers compiled (`undo`: eager
+    again, else None). benchmarks/step_floor.py --run-dir times the same step."""
+    from kdkit.config import load_config
+    from kdkit.models.attention import train_attention
+    from kdkit.models.forward import compile_layers
+    from kdkit.recipes.distill import signal_source
+    from kdkit.train.setup import build_student, load_teacher, tokenize_file
+
+    cfg = load_config(run_dir / "config.yaml", [f"run.dir={run_dir / 'bench'}",
+                                                f"teacher.cache_dir={run_dir / 'cache'}", *overrides])
+    teacher = load_teacher(cfg)
+    student, tok, _ = build_student(cfg, teacher)
+    train = tokenize_file(cfg.data.train, tok, cfg, key="data.train")
+    signal_fn, vocab = signal_source(cfg, teacher, tok, student, train)
+    train_attention(student)  # as `kdkit distill` does
+    undo = compile_layers(student, device=torch.device("cpu")) if cfg.train.compile else None  # as distill does
+    return cfg, student, tok, train, signal_fn, vocab, undo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
@@ -38,24 +59,12 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.group_by_length=16")
     args = ap.parse_intermixed_args()
 
-    from kdkit.config import load_config
     from kdkit.losses import fused_distill_loss
-    from kdkit.models.attention import train_attention
-    from kdkit.models.forward import compile_layers, decoder_hidden, decoder_mask, supervised_rows, with_host_plan
-    from kdkit.recipes.distill import signal_source
+    from kdkit.models.forward import decoder_hidden, decoder_mask, supervised_rows, with_host_plan
     from kdkit.train.loop import autocast, compute_dtype, micro_batches, optimizer_step, train_step
     from kdkit.train.optim import build_optimizer
-    from kdkit.train.setup import build_student, load_teacher, tokenize_file
 
-    cfg = load_config(args.run_dir / "config.yaml", [f"run.dir={args.run_dir / 'bench'}",
-                                                     f"teacher.cache_dir={args.run_dir / 'cache'}", *args.overrides])
-    teacher = load_teacher(cfg)
-    student, tok, _ = build_student(cfg, teacher)
-    train = tokenize_file(cfg.data.train, tok, cfg, key="data.train")
-    signal_fn, vocab = signal_source(cfg, teacher, tok, student, train)
-    train_attention(student)  # as `kdkit distill` does
-    if cfg.train.compile:  # as `kdkit distill` does with train.compile (the first step compiles)
-        compile_layers(student, device=torch.device("cpu"))
+    cfg, student, tok, train, signal_fn, vocab, _ = rebuild(args.run_dir, args.overrides)
     student.train()
     opt, sched = build_optimizer(student, cfg.train)
     tc, device = cfg.train, torch.device("cpu")

@@ -160,29 +160,18 @@ class Bench:
 
 class RunBench(Bench):
     """The step a finished `kdkit quickstart` / `kdkit distill` run trains: its config, pruned student,
-    cache signal and data (benchmarks/quickstart_step.py builds the same); `eager()` undoes train.compile."""
+    cache signal and data (benchmarks/quickstart_step.py `rebuild`); `eager()` undoes train.compile."""
 
     def __init__(self, run_dir: Path, overrides: list[str], *, device: torch.device):
-        from kdkit.config import load_config
-        from kdkit.models.attention import train_attention
         from kdkit.models.forward import compile_layers
-        from kdkit.recipes.distill import signal_source
         from kdkit.train import loop
         from kdkit.train.optim import build_optimizer
-        from kdkit.train.setup import build_student, load_teacher, tokenize_file
+        from quickstart_step import rebuild
 
         self.loop, self.device = loop, device
-        self.cfg = load_config(run_dir / "config.yaml", [f"run.dir={run_dir / 'bench'}",
-                                                         f"teacher.cache_dir={run_dir / 'cache'}", *overrides])
+        self.cfg, self.student, tok, train, self.signal_fn, self.vocab, self.undo = rebuild(run_dir, overrides)
         self.cfg.train.max_steps = 10_000  # a flat schedule: every timed step does the same work
-        teacher = load_teacher(self.cfg)
-        self.student, tok, _ = build_student(self.cfg, teacher)
-        train = tokenize_file(self.cfg.data.train, tok, self.cfg, key="data.train")
-        self.signal_fn, self.vocab = signal_source(self.cfg, teacher, tok, self.student, train)
-        del teacher
-        train_attention(self.student)
         self._compile = lambda: compile_layers(self.student, device=device) if self.cfg.train.compile else None
-        self.undo = self._compile()
         self.student.train()
         self.opt, self.sched = build_optimizer(self.student, self.cfg.train)
         tc = self.cfg.train

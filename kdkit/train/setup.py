@@ -34,7 +34,6 @@ class Teacher:
         self.license = M.read_license(self.source, tc.license)
         self._model = None
         self._held = None  # (dtype, device, model): the forward-only copy `held` made
-        self._params: int | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -48,9 +47,7 @@ class Teacher:
         """The teacher's parameter count (a model card's), from the held copy where the weights as loaded
         were released: counting them must not load them again (a second de-quantised teacher at the end
         of a run without evaluation was its peak memory)."""
-        if self._params is None:
-            self._params = M.count_parameters(self._held[2] if self._held is not None else self.model)
-        return self._params
+        return M.count_parameters(self._held[2] if self._held is not None else self.model)
 
     def reload(self) -> None:
         """Drop the weights (e.g. FSDP2 shards, unusable once training ends); `model` loads them again."""
