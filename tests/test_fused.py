@@ -395,12 +395,15 @@ def test_train_step_reads_its_metrics_once_and_only_when_asked(tiny_config, monk
     assert full["kl"] >= 0 and 0 <= full["top1"] <= 1
 
 
-@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("teacher", ["dense", "dense-bf16", "dense-blocks", "sparse"])
 @pytest.mark.parametrize("temperature,alpha", [(1.0, 1.0), (1.0, 0.3), (2.0, 1.0), (0.5, 1.0)])
-def test_closed_form_forward_kl_chunk_equals_autograd(sparse, temperature, alpha):
+def test_closed_form_forward_kl_chunk_equals_autograd(teacher, temperature, alpha, monkeypatch):
     """`overwrite=True` runs forward KL in closed form, in place (fused_fkl); its gradient and sums equal
     torch.func on the same divergence, with teacher zeros, an invalid top-k slot, token weights (one 0) and a
-    masked row; the gradient is the overwritten buffer itself."""
+    masked row; the gradient is the overwritten buffer itself. A dense teacher is read, never written, in
+    row blocks (here also 3 rows at a time, the last block short) and in its own dtype (bf16: the same
+    values as their fp32 upcast)."""
+    from kdkit.losses import fused_fkl
     from kdkit.losses.fused_chunk import Spec, chunk_grad
     from kdkit.losses.fused_sparse import SparseTeacher
     from kdkit.signal import Provenance, SparseSignal
@@ -414,6 +417,10 @@ def test_closed_form_forward_kl_chunk_equals_autograd(sparse, temperature, alpha
     labels[4] = -100
     weight = torch.rand(c, generator=gen)
     weight[2] = 0.0
+    sparse = teacher == "sparse"
+    if teacher == "dense-blocks":
+        monkeypatch.setattr(fused_fkl, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(fused_fkl, "_BLOCK_ROWS", 3)
     if sparse:
         lp = torch.log_softmax(t, -1)
         top, ids = lp.topk(k, -1)
@@ -423,12 +430,13 @@ def test_closed_form_forward_kl_chunk_equals_autograd(sparse, temperature, alpha
         teacher = SparseTeacher.build(sig, vocab=v, temperature=temperature, capture_temperature=None, device="cpu")
         chunk = teacher.chunk(slice(None), c)
     else:
-        chunk = (t,)
+        chunk = (t.bfloat16(),) if teacher == "dense-bf16" else (t,)
     spec = Spec("forward_kl", temperature, alpha, (), need_grad=True, sparse=sparse, metrics=True)
-    want_g, want = chunk_grad(z.clone(), chunk, labels, weight, spec)
-    buf = z.clone()
+    want_g, want = chunk_grad(z.clone(), tuple(x.float() for x in chunk) if not sparse else chunk, labels, weight, spec)
+    buf, before = z.clone(), [x.clone() for x in chunk]
     got_g, got = chunk_grad(buf, chunk, labels, weight, spec, overwrite=True)
     assert got_g.data_ptr() == buf.data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(chunk, before))  # the teacher's chunk is read only
     torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-6)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -436,17 +444,24 @@ def test_closed_form_forward_kl_chunk_equals_autograd(sparse, temperature, alpha
 
 @pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("temperature,alpha", [(1.0, 1.0), (2.0, 1.0), (1.0, 0.7)])
-def test_closed_form_forward_kl_reuses_only_the_loss_own_teacher_buffer(temperature, alpha, matmul_dtype):
-    """Closed-form forward KL works in place on the online teacher's logits buffer (the loss's own scratch,
-    recomputed every chunk), over several chunks, and equals the dense path; a caller's teacher logits
-    (a DenseSignal whose chunks are views of its tensor: every row supervised) are never written."""
+def test_closed_form_forward_kl_over_chunks_equals_dense_and_never_writes_the_teacher(temperature, alpha, matmul_dtype):
+    """Closed-form forward KL on an online teacher head (its logits in the matmul dtype) over several chunks
+    equals the dense path, metrics included; a caller's teacher logits (a DenseSignal whose chunks are views
+    of its tensor: every row supervised) are never written."""
     p = make_problem(bias=False)
     p["labels"] = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(5))  # no masked row
     opts = dict(divergence="forward_kl", temperature=temperature, alpha=alpha)
     want = dense(p, **opts)
     tol = 1e-5 if matmul_dtype is None else 2e-2
-    assert_parity(fused(p, chunk_size=8, matmul_dtype=matmul_dtype, **opts), want, rtol=tol)  # online head
+    got = fused(p, chunk_size=8, matmul_dtype=matmul_dtype, metrics=True, **opts)  # online head
+    assert_parity(got, want, rtol=tol)
     t = p["t_hidden"] @ p["t_weight"].t()
+    s_logits = p["hidden"] @ p["weight"].t()
+    log_p, log_q = t.double().log_softmax(-1), s_logits.double().log_softmax(-1)
+    kl1 = (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # at T = 1, whatever the loss's temperature
+    torch.testing.assert_close(got[0].kl.double(), kl1, rtol=tol, atol=1e-6)
+    if matmul_dtype is None:
+        assert got[0].top1.item() == (s_logits.argmax(-1) == t.argmax(-1)).sum().item()
     before = t.clone()
     assert_parity(fused(p, DenseSignal(t), chunk_size=8, **opts), want)
     assert torch.equal(t, before)

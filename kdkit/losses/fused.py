@@ -30,6 +30,7 @@ from torch import Tensor
 
 from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
 
+from . import fused_fkl
 from .divergences import DIVERGENCES, soft_scale
 from .fused_chunk import Spec, chunk_grad, padded_step, step_rows
 from .fused_sparse import DenseTeacher, SparseTeacher, teacher_signal
@@ -85,9 +86,18 @@ class _Head:
     weight: Tensor  # (vocab, H), already in the matmul dtype
     bias: Tensor | None  # (vocab,), in the matmul dtype
     name: str = "student"  # its scratch buffers' names (kdkit.losses.scratch): reused by every chunk and step
+    lowp_chunks: bool = False  # a teacher chunk in the matmul dtype, not upcast (the forward KL reads it per block)
 
     def chunk(self, rows: Tensor | slice, chunk_size: int) -> tuple[Tensor]:
-        """The chunk's logits as a teacher chunk: (z (c, V) fp32,)."""
+        """The chunk's logits as a teacher chunk: (z (c, V) fp32,), or in the matmul dtype (`lowp_chunks`)."""
+        if self.lowp_chunks and self.weight.dtype != torch.float32:
+            h = self.hidden[rows].to(self.weight.dtype)  # (c, H)
+            # the heads' shared buffer: the student's logits were upcast out of it before the teacher's chunk
+            # is asked for, and its gradient goes in only once the chunk step is done with them
+            z = scratch("logits-lowp", h.shape[0], self.weight.shape[0], self.weight.dtype, h.device)  # (c, V)
+            if self.bias is None:
+                return (torch.mm(h, self.weight.t(), out=z),)
+            return (torch.addmm(self.bias, h, self.weight.t(), out=z),)
         return (self.logits(rows, chunk_size)[1],)
 
     def logits(self, rows: Tensor | slice, chunk_size: int) -> tuple[Tensor, Tensor]:
@@ -230,7 +240,8 @@ def _check_shapes(hidden: Tensor, weight: Tensor, labels: Tensor, vocab: int, te
         )
 
 
-def _teacher(hidden, weight, bias, signal, spec: Spec, *, n: int, vocab: int, mm_dtype, capture_temperature, device):
+def _teacher(hidden, weight, bias, signal, spec: Spec, *, n: int, vocab: int, mm_dtype, capture_temperature, device,
+             compiled: bool):
     """The teacher side, reading the first `vocab` logits: a `_Head` (online), `DenseTeacher` or `SparseTeacher`."""
     if isinstance(signal, SparseSignal):
         return SparseTeacher.build(signal, vocab=vocab, temperature=spec.temperature,
@@ -250,6 +261,8 @@ def _teacher(hidden, weight, bias, signal, spec: Spec, *, n: int, vocab: int, mm
         weight.detach()[:vocab].to(dtype),  # (V, H_t)
         None if bias is None else bias.detach()[:vocab].to(dtype),
         name="teacher",  # its own scratch buffers, apart from the student's
+        # forward KL's closed form (eager) reads the teacher's logits a block at a time: they need no fp32 copy
+        lowp_chunks=fused_fkl.applies(spec) and not compiled,
     )
 
 
@@ -328,7 +341,7 @@ def fused_distill_loss(
     )
     teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, signal, spec, n=n, vocab=vocab,
                        mm_dtype=matmul_dtype, capture_temperature=capture_temperature,
-                       device=student_hidden.device)
+                       device=student_hidden.device, compiled=compiled)
     mm_dtype = matmul_dtype or student_weight.dtype
     w = student_weight.detach()[:vocab]  # (V, H) view
     if w.dtype != mm_dtype:  # cast into a buffer kept from step to step

@@ -30,7 +30,7 @@ from torch import Tensor
 from .divergences import _kl
 from .objective import IGNORE_INDEX
 from .reduce import masked_sum
-from .scratch import owned, scratch
+from .scratch import scratch
 
 
 def applies(spec) -> bool:
@@ -51,14 +51,17 @@ def fkl_chunk_grad(z_s: Tensor, teacher: tuple, labels: Tensor, weight: Tensor |
     if spec.metrics:  # before z_s is overwritten; the top-1 needs the raw logits only
         teacher_top = teacher[2][:, 0] if spec.sparse else teacher[0].argmax(dim=-1)  # (c,)
         agree = ((z_s.argmax(dim=-1) == teacher_top) & mask).sum().to(torch.float32)
-    kl1 = metrics_fn(z_s, teacher, mask, spec, None)[0] if spec.metrics and t != 1.0 else None
+    kl1 = None
+    if spec.metrics and t != 1.0:  # the generic divergence, on fp32 teacher logits (a head's may be bf16)
+        kl1 = metrics_fn(z_s, teacher if spec.sparse else (teacher[0].float(),), mask, spec, None)[0]
     safe = torch.where(mask, labels, 0)[:, None]  # (c, 1) label column (0 on unsupervised rows)
     picked_label = z_s.gather(1, safe)[:, 0]  # (c,) the label's logit: CE is reported at any alpha
     lse_1 = torch.logsumexp(z_s, dim=-1) if t != 1.0 else None  # (c,) CE's log-normaliser at T = 1
     x = z_s.div_(t) if t != 1.0 else z_s  # (c, V) z / T, in place
     m = x.amax(dim=-1, keepdim=True)  # (c, 1); an all -inf row gives NaN, as the dense path
-    # x becomes e = exp(z / T − m); d KL / d(z / T) = e ⊙ coef (c,), plus `fix`: (ids, values) at the
-    # top-k slots (sparse), or −p over the whole row (dense, fix = p)
+    # d KL / d(z / T) = e ⊙ coef (c,) with e = exp(z / T − m), plus `fix`: (ids, values) at the top-k slots
+    # (sparse: x becomes e in place), or −p over the whole row (dense: x becomes z / T − m, and `fix` writes
+    # the gradient)
     per_row, coef, fix, total = (_sparse if spec.sparse else _dense)(x, m, teacher, t)
     if lse_1 is None:  # T = 1: the same normaliser, log S + max
         lse_1 = m[:, 0] + torch.log(total)
@@ -71,12 +74,12 @@ def fkl_chunk_grad(z_s: Tensor, teacher: tuple, labels: Tensor, weight: Tensor |
     row = kd_scale * coef  # (c,)
     if alpha != 1.0:  # (1 − α)(softmax − onehot) on supervised rows; T = 1 here
         row = row + (1.0 - alpha) * mask.float() / total
-    x.mul_(row[:, None])
-    if spec.sparse:  # the top-k slots' own terms
+    if spec.sparse:  # x holds e: the row factor, then the top-k slots' own terms
+        x.mul_(row[:, None])
         ids, values = fix
         x.scatter_add_(1, ids, values * kd_scale[:, None])
-    else:  # − α·T·w · p over the whole row (fix holds p)
-        x.sub_(fix.mul_(kd_scale[:, None]))
+    else:  # x holds z / T − m: e · row − α·T·w · p, block by block
+        fix.gradient(x, row, kd_scale)
     if alpha != 1.0:
         x.scatter_add_(1, safe, -(1.0 - alpha) * mask.float()[:, None])
     if spec.metrics:
@@ -123,25 +126,60 @@ def _tail_sum(e: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
     return rest
 
 
+_BLOCK_BYTES = 2 << 20  # one row block of a (c, V) fp32 temporary: cache-sized (at least _BLOCK_ROWS rows)
+_BLOCK_ROWS = 16  # fewer rows per op cost more in per-op overhead than the cache gives back
+
+
+def _blocks(c: int, v: int):
+    rows = max(_BLOCK_ROWS, _BLOCK_BYTES // (4 * v))
+    return [(lo, min(c, lo + rows)) for lo in range(0, c, rows)]
+
+
 def _dense(x: Tensor, m: Tensor, teacher: tuple, t: float):
-    """Dense teacher logits z_t (c, V): (KL per row (c,), 1 / S (c,), p (c, V) in a scratch buffer, S (c,));
-    x → e in place, and z_t too when it is the loss's own buffer (the online head's logits). The value is
-    Σ p·(log p − log q) term by term (accurate for small KL; a difference of log-normalisers would lose it
-    to rounding); the gradient is e / S − p."""
+    """Dense teacher logits z_t (c, V), any dtype, read only: (KL per row (c,), 1 / S (c,), a `_DenseGrad`,
+    S (c,)); x → z / T − m in place. Everything else runs row block by row block in two cache-sized fp32
+    temporaries, so no (c, V) buffer beyond the student's own exists: the teacher's logits are upcast a block
+    at a time (a bf16 head's logits stay bf16), and p is recomputed for the gradient instead of kept. The
+    value is Σ p·(log p − log q) term by term (accurate for small KL; a difference of log-normalisers would
+    lose it to rounding); the gradient is e / S − p."""
     (z_t,) = teacher
-    if owned(z_t) and z_t.dtype == torch.float32:
-        y = z_t  # (c, V) the online teacher's logits buffer, recomputed for every chunk: no copy
-    else:  # a signal's rows (the caller's memory): copied into a buffer
-        y = scratch("fkl-teacher", *x.shape, torch.float32, x.device).copy_(z_t)
-    e = scratch("fkl-exp", *x.shape, torch.float32, x.device)  # (c, V) fp32, reused
+    c, v = x.shape
+    blocks = _blocks(c, v)
+    a = scratch("fkl-block-a", blocks[0][1], v, torch.float32, x.device)
+    b = scratch("fkl-block-b", blocks[0][1], v, torch.float32, x.device)
+    m_t = z_t.amax(dim=-1).float()  # (c,) the teacher's max: max(z_t / T) = max(z_t) / T
     if t != 1.0:
-        y.div_(t)  # (c, V) z_t / T
-    y.sub_(y.amax(dim=-1, keepdim=True))  # (c, V) teacher logits − max
-    x.sub_(m)  # (c, V) student logits − max
-    s = torch.exp(x, out=e).sum(dim=-1)  # (c,) S
-    s_t = torch.exp(y, out=e).sum(dim=-1)  # (c,) S_t; e holds e_t from here
-    y.sub_(x).sub_((torch.log(s_t) - torch.log(s))[:, None])  # (c, V) log p − log q
-    # p = 0 terms are 0 (0 · ±inf is NaN here); p > 0 where q = 0 stays +inf; the terms overwrite y
-    per_row = y.mul_(e).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1) / s_t
-    x.exp_()  # (c, V) e
-    return per_row, 1.0 / s, e.div_(s_t[:, None]), s  # p = e_t / S_t
+        m_t = m_t / t
+    s, s_t, per_row = (x.new_empty(c) for _ in range(3))  # (c,) S, S_t, KL
+    for lo, hi in blocks:
+        xb, e, y = x[lo:hi].sub_(m[lo:hi]), a[: hi - lo], b[: hi - lo]  # (n, V) z / T − m, two temporaries
+        s[lo:hi] = torch.exp(xb, out=e).sum(dim=-1)
+        _teacher_block(y, z_t[lo:hi], m_t[lo:hi], t)  # (n, V) z_t / T − m_t
+        st = s_t[lo:hi] = torch.exp(y, out=e).sum(dim=-1)  # e holds e_t from here
+        y.sub_(xb).sub_((torch.log(st) - torch.log(s[lo:hi]))[:, None])  # (n, V) log p − log q
+        # p = 0 terms are 0 (0 · ±inf is NaN here); p > 0 where q = 0 stays +inf
+        per_row[lo:hi] = y.mul_(e).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(dim=-1) / st
+    return per_row, 1.0 / s, _DenseGrad(z_t, m_t, s_t, t, blocks, a), s
+
+
+def _teacher_block(y: Tensor, z_t: Tensor, m_t: Tensor, t: float) -> Tensor:
+    """y (n, V) fp32 ← z_t / T − m_t for one block of the teacher's rows."""
+    y.copy_(z_t)
+    if t != 1.0:
+        y.div_(t)
+    return y.sub_(m_t[:, None])
+
+
+class _DenseGrad:
+    """The dense teacher's gradient, written block by block over the student's buffer: x ← e · row − scale · p,
+    with e = exp(x) and p = exp(z_t / T − m_t) / S_t recomputed a block at a time."""
+
+    def __init__(self, z_t: Tensor, m_t: Tensor, s_t: Tensor, t: float, blocks: list, tmp: Tensor):
+        self.z_t, self.m_t, self.s_t, self.t, self.blocks, self.tmp = z_t, m_t, s_t, t, blocks, tmp
+
+    def gradient(self, x: Tensor, row: Tensor, scale: Tensor) -> None:
+        """row, scale (c,): the factors on e and on p (kd_scale · coef, and kd_scale, in `fkl_chunk_grad`)."""
+        p_scale = scale / self.s_t  # (c,)
+        for lo, hi in self.blocks:
+            p = _teacher_block(self.tmp[: hi - lo], self.z_t[lo:hi], self.m_t[lo:hi], self.t).exp_()
+            x[lo:hi].exp_().mul_(row[lo:hi, None]).sub_(p.mul_(p_scale[lo:hi, None]))
