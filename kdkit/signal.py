@@ -95,6 +95,9 @@ class SparseSignal:
     tail: torch.Tensor | None = None  # (N,)
     provenance: Provenance = field(default_factory=Provenance)
     weight: torch.Tensor | None = None  # (N,) per-token KD weight, as DenseSignal.weight
+    # every id lies in [0, id_bound), checked on the host where the signal was read (kdkit.teacher.cache), so
+    # the loss need not read the device's ids back (a host sync per step); None: the loss checks them
+    id_bound: int | None = None
 
     def __post_init__(self):
         if self.ids.shape != self.logprobs.shape or self.ids.dim() != 2:
@@ -106,6 +109,17 @@ class SparseSignal:
     @property
     def num_tokens(self) -> int:
         return self.ids.shape[0]
+
+    def check_ids(self, vocab: int, ids: torch.Tensor | None = None) -> None:
+        """Refuse ids outside [0, vocab): from `id_bound` where the producer checked them, else from `ids`
+        (default: the signal's own; reading a device tensor's min and max waits for the device)."""
+        if self.id_bound is not None:
+            bad = self.id_bound > vocab
+        else:
+            ids = self.ids if ids is None else ids
+            bad = bool(ids.numel()) and bool(ids.min() < 0 or ids.max() >= vocab)
+        if bad:
+            raise ValueError(f"signal ids must lie in [0, {vocab}), the student's vocabulary")
 
 
 @dataclass

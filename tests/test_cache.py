@@ -167,6 +167,39 @@ def test_cache_rows_match_the_online_teacher_in_batch_order(teacher, tmp_path):
     assert abs(float(offline) - float(online)) < 1e-2 * float(online)
 
 
+def test_cache_ids_are_range_checked_on_the_host_and_the_loss_reads_none_back(teacher, tmp_path):
+    """The reader checks a batch's ids where they lie (host memory) and says so (`id_bound`); the loss then
+    refuses a vocabulary too small from that bound and calls no min/max on the ids it moves to the device
+    (each a host sync per step on a GPU). A signal without the bound is still checked by the loss."""
+    from torch.overrides import TorchFunctionMode
+
+    from kdkit.losses.fused_sparse import SparseTeacher
+
+    model, tok, prov = teacher
+    data = make_data(tok)
+    build(teacher, tmp_path / "c", data, k=8, temperature=1.0)
+    reader = CacheReader(tmp_path / "c", verify=True)
+    expected = Provenance(tokenizer_hash=prov.tokenizer_hash, chat_template_hash=prov.chat_template_hash)
+    sig = cache_signal_fn(reader, expected=expected, data_hash=dataset_hash(data))(batch_of(data, [3, 1]))
+    assert sig.id_bound == int(sig.ids.max()) + 1 and int(sig.ids.min()) >= 0
+
+    class Reads(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Reads.calls += func in (torch.Tensor.min, torch.Tensor.max, torch.min, torch.max)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        SparseTeacher.build(sig, vocab=len(tok), temperature=1.0, capture_temperature=None, device="cpu")
+    assert Reads.calls == 0
+    with pytest.raises(ValueError, match="signal ids must lie in"):
+        SparseTeacher.build(sig, vocab=sig.id_bound - 1, temperature=1.0, capture_temperature=None, device="cpu")
+    unchecked = SparseSignal(sig.ids, sig.logprobs, sig.tail, sig.provenance)  # no bound: the loss looks
+    with pytest.raises(ValueError, match="signal ids must lie in"):
+        SparseTeacher.build(unchecked, vocab=sig.id_bound - 1, temperature=1.0, capture_temperature=None, device="cpu")
+
+
 def test_flipped_byte_is_named_by_verify_and_repair_redoes_only_that_shard(teacher, tmp_path):
     model, tok, _ = teacher
     data = make_data(tok)

@@ -41,10 +41,8 @@ class SparseTeacher:
     @classmethod
     def build(cls, signal: SparseSignal, *, vocab: int, temperature: float, capture_temperature: float | None,
               device) -> "SparseTeacher":
-        raw = signal.ids  # checked where it lies: a cache's host-side ids cost the device no sync
-        if raw.numel() and (raw.min() < 0 or raw.max() >= vocab):
-            raise ValueError(f"signal ids must lie in [0, {vocab}), the student's vocabulary")
-        ids = raw.to(device=device, dtype=torch.long)  # (N, k)
+        signal.check_ids(vocab)  # a cache's ids were checked on the host: no device read here
+        ids = signal.ids.to(device=device, dtype=torch.long)  # (N, k)
         buckets, valid = teacher_buckets(signal, temperature=temperature, capture_temperature=capture_temperature)
         buckets_1 = buckets
         if temperature != 1.0:

@@ -109,8 +109,7 @@ def sparse_divergence(
             "(the signal's rows)"
         )
     ids = signal.ids.to(device=student_logits.device, dtype=torch.long)  # (N, k)
-    if ids.numel() and (ids.min() < 0 or ids.max() >= student_logits.shape[1]):
-        raise ValueError(f"signal ids must lie in [0, {student_logits.shape[1]}), the student's vocabulary")
+    signal.check_ids(student_logits.shape[1], ids)
     teacher, valid = teacher_buckets(signal, temperature=temperature, capture_temperature=capture_temperature)
     teacher = teacher.to(student_logits.device)  # (N, k + 1)
     student = student_buckets(student_logits, ids, valid.to(ids.device), temperature=temperature)  # (N, k + 1)
