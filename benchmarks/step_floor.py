@@ -36,8 +36,9 @@ separate step synchronised at each boundary; the ratio uses an unsynchronised st
 
 Host syncs: one more step runs under a function mode that counts calls which make the host wait for
 the device (item/tolist/float/int/bool, nonzero, torch.equal, boolean-mask indexing, ...) on tensors
-that would live on the device: the collated batch is host-side until it is moved (`.to(device)`),
-and what is computed from host tensors alone stays host-side (as on a CUDA run).
+that would live on the device: the collated batch and the rows a cache reads from disk are host-side
+until they are moved (`.to(device)`), and what is computed from host tensors alone stays host-side (as
+on a CUDA run).
 """
 
 from __future__ import annotations
@@ -421,8 +422,24 @@ def _caller(func) -> str:
 def audit_syncs(bench: Bench, *, logging: bool) -> Counter:
     host = [v for b in bench.batches for v in b.values() if torch.is_tensor(v)]
     host += [s["step"] for s in bench.opt.state.values() if torch.is_tensor(s.get("step"))]  # CPU scalars
-    with SyncAudit(host) as audit:
-        bench.step(logging=logging)
+    from kdkit.teacher.cache import CacheReader
+
+    read = CacheReader.signal
+
+    def host_read(self, *args, **kwargs):  # a cache's rows are read into host memory, then moved
+        signal = read(self, *args, **kwargs)
+        for t in (signal.ids, signal.logprobs, signal.tail):
+            if t is not None:
+                audit._mark(t)
+        return signal
+
+    audit = SyncAudit(host)
+    CacheReader.signal = host_read
+    try:
+        with audit:
+            bench.step(logging=logging)
+    finally:
+        CacheReader.signal = read
     return audit.where
 
 

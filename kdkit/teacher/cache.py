@@ -443,10 +443,11 @@ def cache_signal_fn(reader: CacheReader, *, expected: Provenance, data_hash: str
                             f"has {int(mask.sum())} supervised positions: the data differs from the cache's")
         device = batch["labels"].device
         ids = signal.ids  # host-side: its range is checked here, not by the loss on the device
-        if ids.numel() and int(ids.min()) < 0:
+        lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, -1)
+        if lo < 0:
             raise UserError(f"the cache {reader.dir} holds a negative token id for examples {list(batch['ids'])}: "
                             "it is damaged; `kdkit cache verify DIR --repair` finds and rebuilds the shard")
         return SparseSignal(ids.to(device), signal.logprobs.to(device), signal.tail.to(device), signal.provenance,
-                            id_bound=int(ids.max()) + 1 if ids.numel() else 0)
+                            id_bound=hi + 1)
 
     return signal_fn
