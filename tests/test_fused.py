@@ -465,3 +465,13 @@ def test_closed_form_forward_kl_over_chunks_equals_dense_and_never_writes_the_te
     before = t.clone()
     assert_parity(fused(p, DenseSignal(t), chunk_size=8, **opts), want)
     assert torch.equal(t, before)
+
+
+def test_forward_kl_blocks_rows_on_a_cpu_only():
+    """The dense forward KL walks a chunk in cache-sized row blocks on a CPU (the last one short); on any
+    other device the chunk is one block, so a GPU launches each element-wise op once per chunk."""
+    from kdkit.losses.fused_fkl import _blocks
+
+    cpu = _blocks(40, 49_152, torch.device("cpu"))
+    assert cpu == [(0, 16), (16, 32), (32, 40)]
+    assert _blocks(40, 49_152, torch.device("meta")) == [(0, 40)]

@@ -126,11 +126,15 @@ def _tail_sum(e: Tensor, ids: Tensor, valid: Tensor) -> Tensor:
     return rest
 
 
-_BLOCK_BYTES = 2 << 20  # one row block of a (c, V) fp32 temporary: cache-sized (at least _BLOCK_ROWS rows)
+_BLOCK_BYTES = 2 << 20  # CPU: one row block of a (c, V) fp32 temporary, cache-sized (at least _BLOCK_ROWS rows)
 _BLOCK_ROWS = 16  # fewer rows per op cost more in per-op overhead than the cache gives back
 
 
-def _blocks(c: int, v: int):
+def _blocks(c: int, v: int, device: torch.device):
+    """Row blocks (lo, hi) of a chunk: cache-sized on a CPU; elsewhere the whole chunk (a GPU pays a kernel
+    launch per op and block, and its chunk's temporaries are what the chunk size was budgeted for)."""
+    if device.type != "cpu":
+        return [(0, c)]
     rows = max(_BLOCK_ROWS, _BLOCK_BYTES // (4 * v))
     return [(lo, min(c, lo + rows)) for lo in range(0, c, rows)]
 
@@ -144,7 +148,7 @@ def _dense(x: Tensor, m: Tensor, teacher: tuple, t: float):
     lose it to rounding); the gradient is e / S − p."""
     (z_t,) = teacher
     c, v = x.shape
-    blocks = _blocks(c, v)
+    blocks = _blocks(c, v, x.device)
     a = scratch("fkl-block-a", blocks[0][1], v, torch.float32, x.device)
     b = scratch("fkl-block-b", blocks[0][1], v, torch.float32, x.device)
     m_t = z_t.amax(dim=-1).float()  # (c,) the teacher's max: max(z_t / T) = max(z_t) / T
