@@ -110,14 +110,13 @@ class SparseSignal:
     def num_tokens(self) -> int:
         return self.ids.shape[0]
 
-    def check_ids(self, vocab: int, ids: torch.Tensor | None = None) -> None:
-        """Refuse ids outside [0, vocab): from `id_bound` where the producer checked them, else from `ids`
-        (default: the signal's own; reading a device tensor's min and max waits for the device)."""
+    def check_ids(self, vocab: int) -> None:
+        """Refuse ids outside [0, vocab): from `id_bound` where the producer checked them, else from the ids
+        where they lie (on a device, reading their min and max waits for it)."""
         if self.id_bound is not None:
             bad = self.id_bound > vocab
         else:
-            ids = self.ids if ids is None else ids
-            bad = bool(ids.numel()) and bool(ids.min() < 0 or ids.max() >= vocab)
+            bad = bool(self.ids.numel()) and bool(self.ids.min() < 0 or self.ids.max() >= vocab)
         if bad:
             raise ValueError(f"signal ids must lie in [0, {vocab}), the student's vocabulary")
 

@@ -94,11 +94,15 @@ class _Head:
             h = self.hidden[rows].to(self.weight.dtype)  # (c, H)
             # the heads' shared buffer: the student's logits were upcast out of it before the teacher's chunk
             # is asked for, and its gradient goes in only once the chunk step is done with them
-            z = scratch("logits-lowp", h.shape[0], self.weight.shape[0], self.weight.dtype, h.device)  # (c, V)
-            if self.bias is None:
-                return (torch.mm(h, self.weight.t(), out=z),)
-            return (torch.addmm(self.bias, h, self.weight.t(), out=z),)
+            return (self._project(h, scratch("logits-lowp", h.shape[0], self.weight.shape[0], self.weight.dtype,
+                                             h.device)),)
         return (self.logits(rows, chunk_size)[1],)
+
+    def _project(self, h: Tensor, out: Tensor) -> Tensor:
+        """out (c, V) ← h @ weightᵀ (+ bias, added inside the GEMM)."""
+        if self.bias is None:
+            return torch.mm(h, self.weight.t(), out=out)
+        return torch.addmm(self.bias, h, self.weight.t(), out=out)
 
     def logits(self, rows: Tensor | slice, chunk_size: int) -> tuple[Tensor, Tensor]:
         """The chunk's hidden rows (c, H) in the matmul dtype and its logits (c, V) fp32."""
@@ -107,14 +111,8 @@ class _Head:
         out = scratch(f"{self.name}-logits", chunk_size, v, torch.float32, h.device)[:c]  # (c, V) contiguous view
         if self.weight.dtype != torch.float32:  # low-precision GEMM, then upcast into the buffer
             z = scratch("logits-lowp", c, v, self.weight.dtype, h.device)  # (c, V), shared by both heads
-            if self.bias is None:
-                torch.mm(h, self.weight.t(), out=z)
-            else:
-                torch.addmm(self.bias, h, self.weight.t(), out=z)
-            return h, out.copy_(z)
-        if self.bias is None:
-            return h, torch.mm(h, self.weight.t(), out=out)
-        return h, torch.addmm(self.bias, h, self.weight.t(), out=out)  # bias added inside the GEMM
+            return h, out.copy_(self._project(h, z))
+        return h, self._project(h, out)
 
 
 @dataclass

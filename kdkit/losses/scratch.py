@@ -6,7 +6,7 @@ pages fault in, zeroed, on first touch (glibc maps every block over 32 MiB and u
 its large buffers by name here instead; each name keeps one tensor, grown when more rows are asked for
 (the chunk size is fixed for a run, so it settles at once). Buffers never leave
 the loss: what it returns (gradients, sums) is always freshly allocated, so a chunk step may overwrite
-any of them once their values are used (`owned` tells a buffer from a caller's tensor). Buffers used
+any of them once their values are used. Buffers used
 one after the other within a chunk share a name: the bf16 (c, V) copies of both heads' logits and of
 the gradient are one buffer.
 """
@@ -27,8 +27,3 @@ def scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torc
         buf = _BUFFERS[name] = torch.empty((rows, cols), dtype=dtype, device=device)
     return buf[:rows]
 
-
-def owned(t: torch.Tensor) -> bool:
-    """Whether `t` is a view into one of the scratch buffers (the loss's own memory, free to overwrite)."""
-    ptr = t.untyped_storage().data_ptr()
-    return any(buf.untyped_storage().data_ptr() == ptr for buf in _BUFFERS.values())

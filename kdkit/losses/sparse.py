@@ -108,8 +108,8 @@ def sparse_divergence(
             f"student logits {tuple(student_logits.shape)} must be (N, V) with N = {signal.num_tokens} "
             "(the signal's rows)"
         )
+    signal.check_ids(student_logits.shape[1])  # where the ids lie, before they move
     ids = signal.ids.to(device=student_logits.device, dtype=torch.long)  # (N, k)
-    signal.check_ids(student_logits.shape[1], ids)
     teacher, valid = teacher_buckets(signal, temperature=temperature, capture_temperature=capture_temperature)
     teacher = teacher.to(student_logits.device)  # (N, k + 1)
     student = student_buckets(student_logits, ids, valid.to(ids.device), temperature=temperature)  # (N, k + 1)
