@@ -475,3 +475,17 @@ def test_forward_kl_blocks_rows_on_a_cpu_only():
     cpu = _blocks(40, 49_152, torch.device("cpu"))
     assert cpu == [(0, 16), (16, 32), (32, 40)]
     assert _blocks(40, 49_152, torch.device("meta")) == [(0, 40)]
+
+
+def test_low_precision_partial_gradients_add_as_one_mixed_dtype_add(monkeypatch):
+    """The CPU path upcasts a bf16 partial grad_W block by block (PyTorch's mixed-dtype add_ is a scalar
+    loop there): the sums must be those of `target.add_(part)`, bit for bit, across a short last block."""
+    from kdkit.losses import fused
+
+    torch.manual_seed(0)
+    target = torch.randn(101, 24)
+    part = torch.randn(101, 24).to(torch.bfloat16)
+    monkeypatch.setattr(fused, "_ADD_BLOCK_BYTES", 4 * 24 * 16)  # 16-row blocks: 6 full, one of 5
+    got = target.clone()
+    fused._add_lowp(got, part)
+    assert torch.equal(got, target.clone().add_(part))
