@@ -36,7 +36,7 @@ def rebuild(run_dir: Path, overrides: list[str]):
     again, else None). benchmarks/step_floor.py --run-dir times the same step."""
     from kdkit.config import load_config
     from kdkit.models.attention import train_attention
-    from kdkit.models.forward import compile_layers
+    from kdkit.models.forward import compile_layers, tied_embedding_backward
     from kdkit.recipes.distill import signal_source
     from kdkit.train.setup import build_student, load_teacher, tokenize_file
 
@@ -47,6 +47,7 @@ def rebuild(run_dir: Path, overrides: list[str]):
     train = tokenize_file(cfg.data.train, tok, cfg, key="data.train")
     signal_fn, vocab = signal_source(cfg, teacher, tok, student, train)
     train_attention(student)  # as `kdkit distill` does
+    tied_embedding_backward(student)  # as `kdkit distill` does on a CPU
     undo = compile_layers(student, device=torch.device("cpu")) if cfg.train.compile else None  # as distill does
     return cfg, student, tok, train, signal_fn, vocab, undo
 

@@ -119,6 +119,7 @@ class Bench:
 
         from kdkit.config import load_config
         from kdkit.models.attention import train_attention
+        from kdkit.models.forward import tied_embedding_backward
         from kdkit.signal import Provenance
         from kdkit.teacher.online import hold_in, online_signal_fn
         from kdkit.train import loop
@@ -136,6 +137,8 @@ class Bench:
         teacher.requires_grad_(False).eval()
         hold_in(teacher, teacher_dtype(self.cfg, device))
         train_attention(self.student)  # as `kdkit distill` does (CPU bf16: kdkit.models.attention)
+        if device.type == "cpu":
+            tied_embedding_backward(self.student)  # as `kdkit distill` does on a CPU
         self.student.train()
         self.vocab = shape["vocab"]
         self.signal_fn = online_signal_fn(teacher, vocab=self.vocab, provenance=Provenance(),

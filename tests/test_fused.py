@@ -489,3 +489,30 @@ def test_low_precision_partial_gradients_add_as_one_mixed_dtype_add(monkeypatch)
     got = target.clone()
     fused._add_lowp(got, part)
     assert torch.equal(got, target.clone().add_(part))
+
+
+def test_the_head_gradient_buffer_is_lent_then_reclaimed_for_the_next_step():
+    """On a CPU the fused loss returns grad_W in the buffer the training loop reclaimed from the weight's
+    last `.grad` (no fresh (V, H) tensor a step); the values are those of a fresh one, and a caller that
+    never reclaims gets a fresh tensor each time."""
+    from kdkit.losses import scratch
+
+    p = make_problem(bias=False)
+    weight = torch.nn.Parameter(p["weight"].clone())
+    hidden = p["hidden"].clone().requires_grad_(True)
+    signal = DenseSignal(p["t_hidden"] @ p["t_weight"].t())
+
+    def step():
+        fused_distill_loss(hidden, weight, p["labels"], teacher_logits=signal, chunk_size=8).total.backward()
+        return weight.grad
+
+    scratch.reclaim()  # nothing lent yet: a no-op
+    first = step().clone()
+    scratch.reclaim()
+    kept = weight.grad.data_ptr()
+    weight.grad = hidden.grad = None  # zero_grad(set_to_none=True)
+    assert torch.equal(step(), first)
+    assert weight.grad.data_ptr() == kept  # the reclaimed buffer, overwritten with this step's gradient
+    weight.grad = hidden.grad = None  # not reclaimed: nothing kept, the loss makes a new one
+    assert "grad-weight" not in scratch._RETURNED
+    assert torch.equal(step(), first)

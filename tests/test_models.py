@@ -128,3 +128,41 @@ def test_the_forward_teacher_is_a_bf16_copy_and_evaluation_keeps_fp32(tiny_teach
     assert forward_teacher(cfg, teacher) is held
     cfg.train.precision = "fp32"
     assert forward_teacher(cfg, teacher) is teacher.model
+
+
+def test_the_tied_embedding_backward_matches_the_default_and_never_becomes_a_loss_buffer(monkeypatch):
+    """`tied_embedding_backward`: the same gradients as nn.Embedding's (padding row included), formed in a
+    view of the loss's largest idle buffer; where the embedding is the weight's only gradient the engine
+    copies it instead of keeping the view, and the undo restores the module."""
+    from kdkit.losses import scratch as S
+    from kdkit.losses.scratch import scratch
+    from kdkit.models.forward import tied_embedding_backward
+
+    model = tiny_llama(vocab_size=97, seed=3)
+    emb = model.get_input_embeddings()
+    ids = torch.tensor([[5, 7, 7, emb.padding_idx, 11], [7, 3, emb.padding_idx, 5, 5]])
+
+    def grads(loss_of):
+        model.zero_grad(set_to_none=True)
+        out = model.model(input_ids=ids).last_hidden_state
+        loss_of(out).backward()
+        return emb.weight.grad
+
+    with_head = lambda h: (h @ model.lm_head.weight.t()).logsumexp(-1).sum()  # noqa: E731
+    alone = lambda h: (h ** 2).sum()  # noqa: E731
+    want = [grads(with_head).clone(), grads(alone).clone()]
+    monkeypatch.setattr(S, "_BUFFERS", {})  # no buffer of an earlier test
+    buf = scratch("test-logits", 97, 64, torch.float32, "cpu")  # room for the (97, 32) gradient
+    undo = tied_embedding_backward(model)
+    assert undo is not None
+    got = [grads(with_head).clone(), grads(alone)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    assert S._LENT_VIEW and S._LENT_VIEW[0].data_ptr() == buf.data_ptr()  # formed in the loss's buffer
+    lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+    assert not lo <= emb.weight.grad.data_ptr() < hi  # copied out of the borrowed view
+    buf.fill_(float("nan"))  # the loss reusing its buffer leaves the gradient alone
+    assert torch.isfinite(emb.weight.grad).all()
+    undo()
+    assert "forward" not in emb.__dict__
+    assert tied_embedding_backward(tiny_llama(vocab_size=97, tie_word_embeddings=False)) is None

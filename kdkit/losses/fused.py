@@ -36,7 +36,7 @@ from .fused_chunk import Spec, chunk_grad, padded_step, step_rows
 from .fused_sparse import DenseTeacher, SparseTeacher, teacher_signal
 from .objective import IGNORE_INDEX, LossParts, _check_args
 from .reduce import normalize
-from .scratch import scratch
+from .scratch import lend, scratch
 
 # Bytes for a chunk's (c, V) temporaries: 336 rows at V = 49152. The student's forward GEMM
 # (c, H) @ (H, V) re-reads the whole head each chunk; on CPU it ran ~1.5x slower per row at 168 rows
@@ -146,7 +146,9 @@ class _Grads:
     def allocate(cls, want: tuple, hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab: int) -> "_Grads":
         grad_w = None
         if want[1]:
-            grad_w = torch.empty_like(weight, dtype=torch.float32)  # (V_all, H): the first chunk overwrites
+            # (V_all, H): the first chunk overwrites it. On a CPU, last step's (reclaimed by the training loop)
+            grad_w = (lend("grad-weight", weight, torch.float32) if weight.device.type == "cpu" and weight.is_contiguous()
+                      else torch.empty_like(weight, dtype=torch.float32))
             grad_w[vocab:].zero_()  # padded rows past `vocab` get no gradient
         return cls(
             hidden=torch.zeros_like(hidden, dtype=torch.float32) if want[0] else None,

@@ -26,9 +26,10 @@ from kdkit.config import Config
 from kdkit.data.collate import batch_order, collate, length_grouped
 from kdkit.data.render import TokenizedData
 from kdkit.losses import DIVERGENCES, distill_loss, forward_kl, fused_distill_loss, sparse_divergence
+from kdkit.losses.scratch import reclaim
 from kdkit.models.attention import train_attention
-from kdkit.models.forward import (HOST_PLAN, compile_layers, decoder_hidden, decoder_mask, supervised_logits,
-                                  supervised_rows, with_host_plan)
+from kdkit.models.forward import (HOST_PLAN, compile_layers, decoder_hidden, decoder_mask,
+                                  supervised_logits, supervised_rows, tied_embedding_backward, with_host_plan)
 from kdkit.models.vocab_map import shared_vocab_metrics
 from kdkit.signal import DenseSignal, HeadSignal, SparseSignal
 from kdkit.train import dist as D
@@ -434,6 +435,7 @@ def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str])
     if finite:
         opt.step()
         sched.step()
+    reclaim()  # the fused loss's (V, H) gradient buffer, kept for the next step (kdkit.losses.scratch)
     opt.zero_grad(set_to_none=True)
     if not finite:
         msg = f"step {step}: non-finite loss {m['loss']} or gradient norm {m['grad_norm']} (examples {ids})"
@@ -529,6 +531,8 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
     enable_tf32(device)
     train_attention(student)  # CPU bf16: a faster attention backward (kdkit.models.attention)
     eager = compiled_layers(student, tc, ctx, device)
+    # CPU, one process: the tied embedding's gradient formed in an idle buffer of the loss (kdkit.models.forward)
+    plain_embedding = tied_embedding_backward(student) if device.type == "cpu" and ctx.mode == "none" else None
     runner = D.prepare_student(student, ctx, tc, device)
     model = trained_module(runner, plugins)  # student (+ projectors, learned weights)
     model.to(device).train()
@@ -593,6 +597,8 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
     save(tc.max_steps)
     if eager:
         eager()  # evaluation and saving see the eager layers
+    if plain_embedding:
+        plain_embedding()
     if writer:
         writer.close()
     model.eval()
