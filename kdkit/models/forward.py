@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from transformers import PreTrainedModel
 
+from kdkit.losses.scratch import borrow
+
 log = logging.getLogger(__name__)
 
 
@@ -107,8 +109,6 @@ class _TiedEmbedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        from kdkit.losses.scratch import borrow
-
         (ids,) = ctx.saved_tensors
         rows, g = ids.reshape(-1), grad.reshape(-1, ctx.weight_shape[1]).to(ctx.weight_dtype)
         if ctx.padding_idx is not None:  # as the default backward: the padding row gets no gradient
