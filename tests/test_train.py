@@ -48,6 +48,9 @@ def test_distill_learns_and_writes_everything(tiny_config):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 31))
     assert list((run / "tb").iterdir())  # TensorBoard events
+    from kdkit.losses import scratch
+
+    assert not scratch._RETURNED and not scratch._LENT_VIEW  # nothing of training's gradients held past it
 
 
 def test_grad_accumulation_4x2_equals_1x8(tiny_config):

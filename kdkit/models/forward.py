@@ -122,8 +122,8 @@ def tied_embedding_backward(model) -> Callable[[], None] | None:
     """For CPU training of a model whose `nn.Embedding` is tied to its output head: the embedding's
     gradient is formed in an idle buffer of the fused loss (its (chunk, V) logits, unused during the
     student's backward) and added in place into the head's gradient, instead of in a fresh zero-filled
-    (V, H) tensor whose pages fault in (the quickstart's step 0.844 → 0.804 s with the loss's reclaimed
-    accumulator, interleaved). The same values as the default backward; a buffer too small, and it makes a
+    (V, H) tensor whose pages fault in (with the loss's reclaimed accumulator, the quickstart's step
+    0.871 → 0.830 s, interleaved). The same values as the default backward; a buffer too small, and it makes a
     fresh one. Returns the undo, or None where it does not apply (untied, frozen, a subclass such as
     Gemma's scaled embedding, max_norm or scale_grad_by_freq set)."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()

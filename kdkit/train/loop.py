@@ -26,7 +26,7 @@ from kdkit.config import Config
 from kdkit.data.collate import batch_order, collate, length_grouped
 from kdkit.data.render import TokenizedData
 from kdkit.losses import DIVERGENCES, distill_loss, forward_kl, fused_distill_loss, sparse_divergence
-from kdkit.losses.scratch import reclaim
+from kdkit.losses.scratch import reclaim, release
 from kdkit.models.attention import train_attention
 from kdkit.models.forward import (HOST_PLAN, compile_layers, decoder_hidden, decoder_mask,
                                   supervised_logits, supervised_rows, tied_embedding_backward, with_host_plan)
@@ -599,6 +599,7 @@ def distill(student, signal_fn: Callable, data: TokenizedData, cfg: Config, *, r
         eager()  # evaluation and saving see the eager layers
     if plain_embedding:
         plain_embedding()
+    release()  # the reclaimed (V, H) gradient is not needed past the last step
     if writer:
         writer.close()
     model.eval()
