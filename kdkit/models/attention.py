@@ -11,7 +11,9 @@ accumulation) over whole (T, T) tiles, which at training lengths fit in cache:
 The query heads of a KV group are stacked along the rows (GQA without repeating K and V). Forward
 and backward together: 4.6 ms against 11.6 (benchmarks/step_floor.py shows it in the step). Where P is
 small (`KEEP_P_BYTES` a layer: training lengths) the forward computes it too, by an fp32 GEMM of the
-scores and an fp32 softmax, and keeps it (in bf16) for the backward, which then skips recomputing it:
+scores (autocast switched off for it: it casts every baddbmm to bf16, which rounded the scores before the
+softmax, 4x the flash kernel's error on peaked rows) and an fp32 softmax, and keeps it (in bf16) for the
+backward, which then skips recomputing it:
 1.1 ms against the flash kernel's 2.0 at the quickstart's shape. Longer rows take the flash kernel and
 its log-sum-exp.
 
@@ -38,6 +40,16 @@ _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 KEEP_P_BYTES = 8 << 20
 
 
+def _heads(x: torch.Tensor, b: int, g: int) -> torch.Tensor:
+    """(B·H_kv, g·T, D) → (B, H, T, D), one dimension at a time. The same view as `x.view(b, h, t, d)`, but
+    under torch.compile with dynamic shapes inductor then indexes it plainly: the one-step view left the
+    rotary backward that reads dQ with a per-element modulo by the symbolic length and scalar gathers
+    (0.85 ms a layer against 0.11 at the quickstart's shape, benchmarks/step_floor.py)."""
+    n, gt, d = x.shape
+    hk, t = n // b, gt // g
+    return x.view(b, hk, gt, d).view(b, hk, g, t, d).view(b, hk * g, t, d)
+
+
 class CausalAttention(torch.autograd.Function):
     """softmax(scale · Q Kᵀ + causal) V for q (B, H, T, D), k and v (B, H_kv, T, D), H a multiple of H_kv."""
 
@@ -52,10 +64,11 @@ class CausalAttention(torch.autograd.Function):
             # shape this ran in 1.1 ms against the flash kernel's 2.0.
             acc = torch.promote_types(q.dtype, torch.float32)
             causal = torch.full((t, t), float("-inf"), dtype=acc, device=q.device).triu_(1)  # (T, T)
-            scores = torch.baddbmm(causal.repeat(g, 1), q.reshape(n, g * t, d).to(acc),
-                                   k.reshape(n, t, d).to(acc).transpose(1, 2), alpha=scale)  # (n, g·T, T)
+            with torch.autocast(q.device.type, enabled=False):  # autocast would round the scores to bf16
+                scores = torch.baddbmm(causal.repeat(g, 1), q.reshape(n, g * t, d).to(acc),
+                                       k.reshape(n, t, d).to(acc).transpose(1, 2), alpha=scale)  # (n, g·T, T)
             p = torch.softmax(scores, dim=-1).to(q.dtype)  # 0 above the diagonal
-            out = torch.bmm(p, v.reshape(n, t, d)).view(b, h, t, d)
+            out = _heads(torch.bmm(p, v.reshape(n, t, d)), b, g)
             ctx.save_for_backward(q, k, v, out, p)
             ctx.kept_p = True
             return out
@@ -84,7 +97,7 @@ class CausalAttention(torch.autograd.Function):
             p = torch.baddbmm(shift, qg, kk.transpose(1, 2), alpha=s).exp_()  # (n, g·T, T): 0 above the diagonal
         dv = torch.bmm(p.transpose(1, 2), dog)  # (n, T, D)
         ds = torch.baddbmm(-delta.reshape(n, g * t, 1).to(q.dtype), dog, vv.transpose(1, 2)).mul_(p)  # P ⊙ (dP − δ)
-        dq = torch.bmm(ds, kk).mul_(s).view(b, h, t, d)
+        dq = _heads(torch.bmm(ds, kk).mul_(s), b, g)
         dk = torch.bmm(ds.transpose(1, 2), qg).mul_(s).view(b, hk, t, d)
         return dq, dk, dv.view(b, hk, t, d), None
 
