@@ -497,3 +497,36 @@ def test_compiled_layers_train_as_the_eager_ones(tiny_config, precision, tol):
     bad = {k: float((comp_w[k] - eager_w[k]).abs().max())
            for k in eager_w if not torch.allclose(comp_w[k], eager_w[k], rtol=10 * tol, atol=atol)}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_clip_left_to_the_fused_adamw_step_updates_as_clipping_first(fused, monkeypatch):
+    """optimizer_step leaves the clip to a fused AdamW (grad_scale: no pass of its own over the gradients);
+    the update is clip_grad_norm_'s then step's, to rounding; grad_scale is gone after the step; a non-fused
+    optimizer is clipped in place as before."""
+    import types
+
+    from kdkit.train.loop import optimizer_step
+
+    def setup():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+        for p in params:
+            p.grad = torch.randn_like(p) * 10  # norm ~ 250: clipped to 1
+        opt = torch.optim.AdamW(params, lr=1e-2, **({"fused": True} if fused else {"foreach": False}))
+        return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    ref, opt = setup()[:2]
+    norm_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    opt.step()
+    params, opt, sched = setup()
+    model = torch.nn.ParameterList(params)
+    if fused:  # no clip pass over the gradients of its own
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("clipped in a pass"))
+    m = {"loss": torch.tensor(2.0)}
+    tc = types.SimpleNamespace(max_grad_norm=1.0, nonfinite="skip")
+    assert optimizer_step(model, opt, sched, m, tc, step=1, ids=[])
+    assert m["grad_norm"] == pytest.approx(norm_ref.item(), rel=1e-6) and m["grad_norm"] > 100
+    assert "grad_scale" not in opt.__dict__
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)

@@ -429,12 +429,14 @@ def optimizer_step(model, opt, sched, m: dict, tc, *, step: int, ids: list[str])
     schedule untouched) or stops the run, as `train.nonfinite` says. Returns whether it stepped."""
     max_norm = tc.max_grad_norm if tc.max_grad_norm else float("inf")
     # FSDP2: sharded (DTensor) and replicated (plugins', per-head norms') gradients in one global norm
-    m["grad_norm"], m["lr"] = D.clip_grad_norm(model.parameters(), max_norm), sched.get_last_lr()[0]
+    # the clip itself is left to a fused optimizer's step (dist.clip_grad_norm): no pass of its own
+    m["grad_norm"], m["lr"] = D.clip_grad_norm(model.parameters(), max_norm, fold_into=opt), sched.get_last_lr()[0]
     settle_metrics(m)  # the step's one host sync: its loss, metrics and gradient norm read together
     finite = math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
     if finite:
         opt.step()
         sched.step()
+    opt.__dict__.pop("grad_scale", None)
     reclaim()  # the fused loss's (V, H) gradient buffer, kept for the next step (kdkit.losses.scratch)
     opt.zero_grad(set_to_none=True)
     if not finite:
