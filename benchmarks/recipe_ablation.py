@@ -33,6 +33,7 @@ ROWS = {  # name → overrides of the quickstart recipe
     "data=160": ["@rows=160"],  # the first N of the teacher's answers (one per prompt, in the file's order)
     "data=320": ["@rows=320"],  # the 320 instructions the quickstart shipped before the 1,583
     "signal=online": ["teacher.signal=online"],
+    "signal=top64": ["teacher.top_k=64"],  # the cache's top 64 log-probs instead of the default's 256
     "loss=reverse_kl": ["loss.divergence=reverse_kl"],
     "loss=jsd": ["loss.divergence=jsd", "loss.beta=0.5"],
     "+hidden": ["teacher.signal=online", "features.hidden.weight=1.0"],  # hidden states need the online teacher
