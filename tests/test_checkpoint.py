@@ -98,3 +98,29 @@ def test_pickle_with_code_is_refused_and_unsafe_names_flagged(tmp_path):
     meta["sha256"]["../../outside"] = "0" * 64
     (ckpt / "meta.json").write_text(json.dumps(meta))
     assert "unsafe file name" in verify(ckpt)
+
+
+def test_a_failed_write_a_full_disk_is_a_clear_error_and_the_checkpoint_before_it_stays(tmp_path, monkeypatch):
+    """A full disk made torch's writer raise `RuntimeError: basic_ios::clear: iostream error` mid-write: the
+    run must end with a UserError (exit 2) naming the checkpoint, the free space and where a rerun resumes,
+    the partial write removed, the previous checkpoint whole and loadable."""
+    import pytest
+
+    from kdkit.errors import UserError
+    from kdkit.train import checkpoint
+
+    model, opt, sched = _setup(0)
+    _train_one(model, opt, sched)
+    save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched)
+
+    def full(*a, **k):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(UserError, match=r"step-00000002 \(RuntimeError: basic_ios::clear.*GiB free.*resumes from "
+                                        r"step-00000001"):
+        save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]  # no partial step-00000002.tmp left
+    fresh, opt2, sched2 = _setup(1)
+    assert load_latest(tmp_path, model=fresh, optimizer=opt2, scheduler=sched2)[0] == 1

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kdkit.errors import UserError
@@ -48,19 +49,29 @@ def save_checkpoint(root: Path, step: int, *, model, optimizer, scheduler, extra
     tmp = root / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_unique_state(model), tmp / "model.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-    files = sorted(p.name for p in tmp.iterdir())
-    for name in files:
-        with open(tmp / name, "rb") as f:
+    try:
+        save_file(_unique_state(model), tmp / "model.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        meta = {"step": step, "extra": extra or {}, "sha256": {n: sha256_file(tmp / n) for n in files}}
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
             os.fsync(f.fileno())
-    meta = {"step": step, "extra": extra or {}, "sha256": {n: sha256_file(tmp / n) for n in files}}
-    with open(tmp / "meta.json", "w") as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
+        fsync_dir(tmp)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk: torch's writer raises RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial write; the checkpoints before it stay whole
+        free = shutil.disk_usage(root).free
+        last = list_checkpoints(root)
+        raise UserError(
+            f"could not write the checkpoint {final} ({type(e).__name__}: {e}); {free / 2**30:.1f} GiB free on its "
+            f"disk. Free space and rerun: training resumes from "
+            f"{last[-1].name if last else 'the start (no checkpoint yet)'}"
+        ) from e
     if final.exists():  # a rerun of the same step replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)  # the atomic commit point
