@@ -4,7 +4,8 @@
                                          [--train runs/exp/data/train.jsonl --eval runs/exp/data/eval.jsonl]
 
 Every row is the quickstart recipe (kdkit/configs/quickstart.yaml) with ONE change, run in its own
-process, alone. The teacher's answers (the data) are generated once and shared (or read from --train and
+process, alone, from a cold compile cache: a named row (ROWS) or one written as overrides
+(`--rows default train.lr=7e-4 loss.alpha=0.9,train.weight_decay=0.1`; commas join several). The teacher's answers (the data) are generated once and shared (or read from --train and
 --eval: answers the quickstart recipe generated before); a row's budget covers
 everything after that: pruning (importance included), the top-k cache when the row reads one, and
 training, whose step count is what fits the rest of the budget (`train.max_seconds`: the loop times
@@ -20,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -38,6 +40,16 @@ ROWS = {  # name → overrides of the quickstart recipe
     "loss=jsd": ["loss.divergence=jsd", "loss.beta=0.5"],
     "+hidden": ["teacher.signal=online", "features.hidden.weight=1.0"],  # hidden states need the online teacher
 }
+
+
+def row_overrides(name: str) -> list[str]:
+    """A named row's overrides, or the row itself when it is written as overrides: `train.lr=7e-4,loss.alpha=0.9`."""
+    if name in ROWS:
+        return ROWS[name]
+    changes = name.split(",")
+    if not all("=" in c and "." in c.split("=")[0] for c in changes):
+        raise SystemExit(f"row {name!r}: not one of {', '.join(ROWS)}, nor overrides such as train.lr=7e-4")
+    return changes
 
 
 def quickstart_config(run_dir: Path, overrides: list[str]):
@@ -87,13 +99,14 @@ def one_row(name: str, *, work: Path, train: Path, eval_path: Path, budget: floa
     from kdkit.recipes import cache, distill, prune
     from kdkit.train.setup import load_teacher
 
-    overrides = [o for o in ROWS[name] if not o.startswith("@")]
-    rows = next((int(o.split("=")[1]) for o in ROWS[name] if o.startswith("@rows=")), None)
+    changes = row_overrides(name)
+    overrides = [o for o in changes if not o.startswith("@")]
+    rows = next((int(o.split("=")[1]) for o in changes if o.startswith("@rows=")), None)
     if rows:  # the first N of the shared answers
         subset = work / f"train-{rows}.jsonl"
         subset.write_text("".join(train.read_text().splitlines(keepends=True)[:rows]))
         train = subset
-    run_dir = work / "rows" / name.replace("=", "-").replace("+", "plus-")
+    run_dir = work / "rows" / name.replace("=", "-").replace("+", "plus-").replace(",", "_")
     cfg = quickstart_config(run_dir, [*overrides, f"data.train={train}", f"data.eval={eval_path}",
                                       "eval.speed=false", "eval.student_before=false", "train.save_every=0"])
     teacher = load_teacher(cfg)  # loading the teacher is not part of the budget (every row does it alike)
@@ -116,7 +129,8 @@ def one_row(name: str, *, work: Path, train: Path, eval_path: Path, budget: floa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=600.0, help="seconds per row after data generation")
-    ap.add_argument("--rows", nargs="*", default=[r for r in ROWS if r != "init=width"], choices=list(ROWS))
+    ap.add_argument("--rows", nargs="*", default=[r for r in ROWS if r != "init=width"],
+                    help=f"named rows ({', '.join(ROWS)}) or rows written as overrides (train.lr=7e-4,loss.alpha=0.9)")
     ap.add_argument("--train", type=Path, help="the teacher's answers to train on (default: generate them once)")
     ap.add_argument("--eval", type=Path, help="the held-out answers (with --train)")
     ap.add_argument("--work", type=Path, default=Path("runs/recipe_ablation"))
@@ -129,6 +143,8 @@ def main() -> None:
     if (args.train is None) != (args.eval is None):
         ap.error("--train and --eval go together")
     args.work.mkdir(parents=True, exist_ok=True)
+    for name in args.rows:
+        row_overrides(name)  # an unknown row fails before any work
     if args.train:
         train, eval_path, gen_s = args.train.resolve(), args.eval.resolve(), 0.0
     else:
@@ -144,7 +160,9 @@ def main() -> None:
     for name in args.rows:  # each row alone, in its own process
         cmd = [sys.executable, __file__, "--one", name, "--budget", str(args.budget), "--work", str(args.work),
                "--threads", str(args.threads), *(["--train", str(train), "--eval", str(eval_path)] if args.train else [])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        with tempfile.TemporaryDirectory() as inductor:  # a cold compile cache for every row alike
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "TQDM_DISABLE": "1", "TORCHINDUCTOR_CACHE_DIR": inductor})
         line = next((x for x in proc.stdout.splitlines() if x.startswith("ROW ")), None)
         if line is None:
             print(f"{name}: failed\n{proc.stderr[-2000:]}")
