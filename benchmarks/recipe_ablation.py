@@ -26,12 +26,14 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
+BY_TARGET = ["prune.target_params=0.494", "prune.hidden_size=null", "prune.intermediate_size=null"]
 ROWS = {  # name → overrides of the quickstart recipe
     "default": [],
     "init=uniform": ["prune.method=none", "student.init=teacher_layers", "student.num_layers=10"],
-    "init=depth": ["prune.method=depth"],
+    # the default prunes to explicit widths (49.4% of the teacher); depth and both prune to that size by target
+    "init=depth": ["prune.method=depth", *BY_TARGET],
     "init=width": ["prune.method=width"],  # = default (the quickstart prunes width); not run unless named
-    "init=both": ["prune.method=both"],
+    "init=both": ["prune.method=both", *BY_TARGET],
     "data=160": ["@rows=160"],  # the first N of the teacher's answers (one per prompt, in the file's order)
     "data=320": ["@rows=320"],  # the 320 instructions the quickstart shipped before the 1,583
     "signal=online": ["teacher.signal=online"],
